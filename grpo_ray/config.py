@@ -1,0 +1,440 @@
+"""Run configuration: one validated `GRPOConfig`, keyed like TRL 1.16 so a TRL config carries over.
+
+The flat fields mirror `trl.GRPOConfig` (same names, same defaults) for everything grpo-ray
+implements. Three sections are grpo-ray's own: `data` (what to train on), `cluster` (how many
+vLLM actors and trainer workers, DeepSpeed ZeRO stage, weight-sync transport) and the reward
+function list. Every error is a one-line `ConfigError` that names the field and the fix.
+
+This module sits at the bottom of the import graph: it imports nothing from grpo_ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+WEIGHT_SYNC = ("auto", "gloo", "nccl", "object_store")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# Optimizers grpo-ray builds natively, and what each TRL/transformers name falls back to on
+# a device where the original is unavailable (bitsandbytes 8-bit and fused kernels need CUDA).
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "adam", "sgd")
+_CPU_FALLBACK = {
+    "adamw_torch_fused": "adamw_torch",
+    "adamw_8bit": "adamw_torch",
+    "adamw_bnb_8bit": "adamw_torch",
+    "paged_adamw_8bit": "adamw_torch",
+}
+# TRL / transformers spellings that mean one of our fields.
+ALIASES = {"max_new_tokens": "max_completion_length", "model": "model_name_or_path"}
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line: the field, what is wrong, how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from: a reasoning-gym task, the built-in `arith`, or a local file."""
+
+    task: str = "reasoning_gym/chain_sum"
+    config: dict = field(default_factory=dict)
+    size: int = 512
+    eval_size: int = 100
+    seed: int = 0
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    system_prompt: str | None = None
+    eval_split: str | None = None
+
+
+@dataclass
+class ClusterConfig:
+    """Placement and parallelism: the part of a run TRL leaves to `accelerate launch`."""
+
+    address: str | None = None  # None: start an embedded local Ray on this machine
+    num_cpus: int | None = None  # logical CPUs of the embedded Ray (None: sized from the run)
+    num_rollout_actors: int = 1
+    rollout_num_cpus: int = 1
+    tensor_parallel_size: int = 1
+    kv_cache_gib: float = 1.0  # vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = 0.5
+    num_trainer_workers: int = 1
+    trainer_num_cpus: int = 1
+    use_gpu: bool = False
+    zero_stage: int = 0
+    weight_sync: str = "auto"  # auto -> nccl on GPU, gloo on CPU
+    reward_num_cpus: float = 0.25
+    reward_timeout_s: float = 60.0
+    max_failures: int = 0
+    # Node roles: resources a node must offer to host rollout engines / trainer workers.
+    rollout_resource: str | None = None
+    trainer_resource: str | None = None
+
+
+@dataclass
+class GRPOConfig:
+    """Everything one GRPO run needs. Flat fields follow `trl.GRPOConfig` 1.16 names and defaults."""
+
+    # --- model and output (TRL: ModelConfig.model_name_or_path, TrainingArguments.output_dir)
+    model_name_or_path: str = "smollm2-135m"
+    output_dir: str = "grpo_outputs"
+    # --- generation
+    num_generations: int = 8
+    max_prompt_length: int | None = 512
+    max_completion_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    # --- objective
+    beta: float = 0.0
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    importance_sampling_level: str = "token"
+    scale_rewards: str = "group"
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    reward_weights: list[float] | None = None
+    num_iterations: int = 1
+    mask_truncated_completions: bool = False
+    top_entropy_quantile: float = 1.0
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    # --- optimisation
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 500
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    optim: str = "adamw_torch_fused"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    bf16: Union[bool, str, None] = None  # True / False / "auto" (None == "auto", as in TRL)
+    fp16: Union[bool, str] = False
+    seed: int = 42
+    # --- logging and checkpoints
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    log_completions: bool = False
+    eval_steps: int | None = None
+    # --- grpo-ray's own sections
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def completions_per_step(self) -> int:
+        """Completions consumed by one optimizer step across all trainer workers."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.cluster.num_trainer_workers
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.completions_per_step // self.num_generations
+
+    @property
+    def total_warmup_steps(self) -> int:
+        return self.warmup_steps or int(round(self.warmup_ratio * self.max_steps))
+
+    def resolved_precision(self, device_supports_bf16: bool) -> str:
+        """'bf16', 'fp16' or 'fp32' after resolving "auto" against the device."""
+        bf16 = device_supports_bf16 if self.bf16 in (None, "auto") else bool(self.bf16)
+        fp16 = (not bf16 and self.cluster.use_gpu) if self.fp16 == "auto" else bool(self.fp16)
+        return "bf16" if bf16 else ("fp16" if fp16 else "fp32")
+
+    def resolved_optim(self, on_gpu: bool) -> tuple[str, str | None]:
+        """The optimizer to build on this device and, when it differs, a one-line notice why."""
+        if on_gpu or self.optim not in _CPU_FALLBACK:
+            return self.optim, None
+        fallback = _CPU_FALLBACK[self.optim]
+        return fallback, f"optim={self.optim!r} needs a CUDA device; using {fallback!r} on CPU"
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "GRPOConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config must be a mapping of keys to values, got {type(raw).__name__}")
+        return _build(cls, raw, prefix="")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "GRPOConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist: check the path")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "GRPOConfig":
+        """A config from one of the seed guide's presets, with keyword overrides on top."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return cls.from_dict(merge(PRESETS[name], overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "GRPOConfig":
+        return GRPOConfig.from_dict(merge(self.to_dict(), overrides))
+
+
+# The seed guide's presets (../shared/seed): `balanced` is its basic config as written; the other
+# two change only what the guide's snippets change.
+_BALANCED = {
+    "output_dir": "grpo_outputs",
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 4,
+    "num_generations": 8,
+    "max_new_tokens": 1024,
+    "temperature": 0.7,
+    "beta": 0.001,
+    "loss_type": "bnpo",
+    "learning_rate": 5e-6,
+    "max_steps": 500,
+    "logging_steps": 1,
+    "save_steps": 100,
+    "optim": "adamw_8bit",
+    "warmup_ratio": 0.1,
+    "bf16": "auto",
+    "fp16": "auto",
+    "cluster": {"num_trainer_workers": 2},
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "balanced": _BALANCED,
+    "aggressive": {**_BALANCED, "num_generations": 4, "beta": 0.0001, "learning_rate": 1e-5, "temperature": 0.8},
+    "conservative": {
+        **_BALANCED,
+        "num_generations": 16,
+        "beta": 0.01,
+        "learning_rate": 2e-6,
+        "temperature": 0.6,
+        "gradient_accumulation_steps": 8,
+    },
+}
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overrides` into a copy of `base` (nested sections merge key by key)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("config",):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b=value` (CLI --set) -> {"a": {"b": value}}, the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set learning_rate=1e-5")
+    key, value = text.split("=", 1)
+    node: Any = yaml.safe_load(value) if value.strip() else None
+    for part in reversed(key.strip().split(".")):
+        node = {part: node}
+    return node
+
+
+# ---------------------------------------------------------------------- building and checking
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key) if not prefix else key
+        if name not in names:
+            raise ConfigError(_unknown_key(prefix + str(key), names, prefix))
+        if name in kwargs:
+            raise ConfigError(f"{prefix}{key}: given twice (as {key!r} and its alias): keep one")
+        kwargs[name] = _coerce(prefix + name, value, hints[name])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def _unknown_key(key: str, names: list[str], prefix: str) -> str:
+    leaf = key[len(prefix):]
+    close = difflib.get_close_matches(leaf, names + ([] if prefix else list(ALIASES)), n=1, cutoff=0.6)
+    hint = f"did you mean {prefix + close[0]!r}?" if close else f"valid keys: {', '.join(sorted(names))}"
+    return f"unknown config key {key!r}: {hint}"
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting the lossless cases YAML gets wrong."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{name}: must be set")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, prefix=name + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:  # YAML 1.1 reads `5e-6` as a string: accept it
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    if origin is Literal:  # pragma: no cover - not used in the schema today
+        return value
+    raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{name}={value!r} is not supported: {hint}use one of {', '.join(map(str, allowed))}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate(c: GRPOConfig) -> None:
+    _one_of("loss_type", c.loss_type, LOSS_TYPES)
+    _one_of("scale_rewards", c.scale_rewards, SCALE_REWARDS)
+    _one_of("importance_sampling_level", c.importance_sampling_level, IS_LEVELS)
+    _one_of("vllm_importance_sampling_mode", c.vllm_importance_sampling_mode, IS_MODES)
+    _one_of("lr_scheduler_type", c.lr_scheduler_type, LR_SCHEDULERS)
+    _one_of("optim", c.optim, OPTIMIZERS)
+    _one_of("cluster.weight_sync", c.cluster.weight_sync, WEIGHT_SYNC)
+    _one_of("cluster.zero_stage", c.cluster.zero_stage, (0, 1, 2, 3))
+    for name in ("bf16", "fp16"):
+        value = getattr(c, name)
+        _require(value in (True, False, None, "auto"), f"{name}={value!r}: use true, false or \"auto\"")
+    _require(not (c.bf16 is True and c.fp16 is True), "bf16 and fp16 are both true: set only one of them")
+    _require(c.num_generations >= 2, f"num_generations={c.num_generations}: GRPO needs at least 2 completions per prompt to compare; set num_generations >= 2")
+    _require(c.beta >= 0, f"beta={c.beta}: the KL coefficient cannot be negative; use 0 (no KL) or a positive value such as 0.001")
+    _require(c.temperature > 0, f"temperature={c.temperature}: must be > 0 (GRPO needs sampling); try 0.7")
+    _require(0 < c.top_p <= 1, f"top_p={c.top_p}: must be in (0, 1]; use 1.0 to disable")
+    _require(c.top_k >= -1, f"top_k={c.top_k}: use 0 (or -1) to disable, or a positive integer")
+    _require(c.min_p is None or 0 <= c.min_p <= 1, f"min_p={c.min_p}: must be in [0, 1]")
+    _require(c.repetition_penalty > 0, f"repetition_penalty={c.repetition_penalty}: must be > 0; 1.0 disables it")
+    _require(c.epsilon > 0, f"epsilon={c.epsilon}: the clip range must be > 0; TRL's default is 0.2")
+    _require(c.epsilon_high is None or c.epsilon_high >= c.epsilon, f"epsilon_high={c.epsilon_high}: must be >= epsilon ({c.epsilon})")
+    _require(c.delta is None or c.delta > 1, f"delta={c.delta}: the two-sided clip bound must be > 1, e.g. 2.0")
+    _require(0 < c.top_entropy_quantile <= 1, f"top_entropy_quantile={c.top_entropy_quantile}: must be in (0, 1]")
+    _require(c.learning_rate > 0, f"learning_rate={c.learning_rate}: must be > 0, e.g. 1e-6")
+    _require(0 <= c.warmup_ratio < 1, f"warmup_ratio={c.warmup_ratio}: must be in [0, 1), e.g. 0.1")
+    _require(c.max_steps > 0, f"max_steps={c.max_steps}: set the number of optimizer steps, e.g. max_steps: 100")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations", "logging_steps", "save_steps", "max_completion_length"):
+        _require(getattr(c, name) >= 1, f"{name}={getattr(c, name)}: must be >= 1")
+    _require(c.max_prompt_length is None or c.max_prompt_length >= 1, f"max_prompt_length={c.max_prompt_length}: must be >= 1 or null")
+    _require(c.max_grad_norm >= 0, f"max_grad_norm={c.max_grad_norm}: must be >= 0 (0 disables clipping)")
+    if c.reward_weights is not None:
+        _require(
+            len(c.reward_weights) == len(c.reward_funcs),
+            f"reward_weights has {len(c.reward_weights)} values for {len(c.reward_funcs)} reward_funcs: give one weight per function",
+        )
+    _require(len(c.reward_funcs) > 0, "reward_funcs is empty: name at least one reward function, e.g. [accuracy]")
+    cl = c.cluster
+    for name in ("num_rollout_actors", "num_trainer_workers", "tensor_parallel_size", "rollout_num_cpus", "trainer_num_cpus"):
+        _require(getattr(cl, name) >= 1, f"cluster.{name}={getattr(cl, name)}: must be >= 1")
+    _require(cl.kv_cache_gib > 0, f"cluster.kv_cache_gib={cl.kv_cache_gib}: must be > 0, e.g. 1")
+    _require(cl.reward_timeout_s > 0, f"cluster.reward_timeout_s={cl.reward_timeout_s}: must be > 0 seconds")
+    _require(
+        not (cl.weight_sync == "nccl" and not cl.use_gpu),
+        "cluster.weight_sync='nccl' needs GPUs: set cluster.use_gpu: true or weight_sync: gloo",
+    )
+    total = c.completions_per_step
+    _require(
+        total % c.num_generations == 0,
+        f"per_device_train_batch_size * gradient_accumulation_steps * cluster.num_trainer_workers = {total} "
+        f"completions per step is not divisible by num_generations={c.num_generations}: "
+        f"make it a multiple (e.g. gradient_accumulation_steps={_fix_accum(c)})",
+    )
+    d = c.data
+    _require(d.size >= 1, f"data.size={d.size}: must be >= 1")
+    _require(d.eval_size >= 0, f"data.eval_size={d.eval_size}: must be >= 0")
+
+
+def _fix_accum(c: GRPOConfig) -> int:
+    per = c.per_device_train_batch_size * c.cluster.num_trainer_workers
+    accum = c.gradient_accumulation_steps
+    while (per * accum) % c.num_generations:
+        accum += 1
+    return accum

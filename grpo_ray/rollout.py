@@ -1,0 +1,387 @@
+"""Rollout: vLLM engines as Ray actors generate groups of completions; Ray tasks score them.
+
+Data flows one way: prompt rows -> token ids -> `RolloutEngine.generate` (all engines busy at
+once) -> `score_rewards` (reward functions in Ray tasks, with a timeout) -> advantages ->
+one `RolloutBatch`, the only thing the trainer sees.
+
+The engine runs vLLM *in the actor's own process* (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): that is
+what lets `reload_weights` receive real tensors, and it keeps one process per engine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from grpo_ray import sync
+from grpo_ray.algorithm import combine_rewards, group_advantages
+from grpo_ray.config import GRPOConfig
+from grpo_ray.rewards import RewardError, resolve_reward_functions, score
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """The sampling knobs of one generation call (TRL names)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    max_tokens: int
+    logprobs: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: GRPOConfig) -> "SamplingSpec":
+        return cls(
+            n=cfg.num_generations,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=max(cfg.top_k, 0),
+            min_p=cfg.min_p or 0.0,
+            repetition_penalty=cfg.repetition_penalty,
+            max_tokens=cfg.max_completion_length,
+        )
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to start one vLLM engine."""
+
+    model_path: str
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.5
+    use_gpu: bool = False
+
+
+@dataclass
+class Group:
+    """The `n` completions an engine sampled for one prompt."""
+
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]] | None
+    truncated: list[bool]
+    texts: list[str]
+
+
+@dataclass
+class RolloutBatch:
+    """One step's experience, sample-major (prompt i's group is rows i*G .. i*G+G-1)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    sampling_logprobs: list[list[float]] | None
+    truncated: list[bool]
+    prompts: list[Any]
+    completions: list[Any]
+    rewards: torch.Tensor  # (N,)
+    rewards_per_func: torch.Tensor  # (N, F), NaN where a function returned None
+    reward_names: list[str]
+    advantages: torch.Tensor  # (N,)
+    num_generations: int
+    generate_s: float = 0.0
+    score_s: float = 0.0
+    gen_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def shard(self, rank: int, world_size: int) -> "RolloutBatch":
+        """Contiguous slice for one trainer worker (every worker gets the same count)."""
+        per = len(self) // world_size
+        sl = slice(rank * per, (rank + 1) * per)
+        pick = lambda xs: None if xs is None else xs[sl]  # noqa: E731
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids[sl],
+            completion_ids=self.completion_ids[sl],
+            sampling_logprobs=pick(self.sampling_logprobs),
+            truncated=self.truncated[sl],
+            prompts=self.prompts[sl],
+            completions=self.completions[sl],
+            rewards=self.rewards[sl],
+            rewards_per_func=self.rewards_per_func[sl],
+            reward_names=self.reward_names,
+            advantages=self.advantages[sl],
+            num_generations=self.num_generations,
+            generate_s=self.generate_s,
+            score_s=self.score_s,
+            gen_tokens=self.gen_tokens,
+        )
+
+    def metrics(self) -> dict[str, float]:
+        lengths = torch.tensor([len(c) for c in self.completion_ids], dtype=torch.float32)
+        out = {
+            "reward_mean": float(torch.nanmean(self.rewards)),
+            "reward_std": float(self.rewards.std()) if len(self) > 1 else 0.0,
+            "completion_length_mean": float(lengths.mean()),
+            "truncated_ratio": float(sum(self.truncated)) / max(len(self), 1),
+            "generate_s": self.generate_s,
+            "score_s": self.score_s,
+            "gen_tokens_per_s": self.gen_tokens / self.generate_s if self.generate_s > 0 else 0.0,
+        }
+        for i, name in enumerate(self.reward_names):
+            out[f"rewards/{name}"] = float(torch.nanmean(self.rewards_per_func[:, i]))
+        return out
+
+
+class RolloutEngine:
+    """One vLLM engine inside a Ray actor: generate, score, and take new weights."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(math.ceil(spec.kv_cache_gib)))))
+        from vllm import LLM
+
+        self.spec = spec
+        self.llm = LLM(
+            model=spec.model_path,
+            dtype=spec.dtype,
+            max_model_len=spec.max_model_len,
+            enforce_eager=not spec.use_gpu,
+            seed=spec.seed,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            logprobs_mode="processed_logprobs",  # temperature-scaled, as the trainer computes them
+            enable_prefix_caching=False,  # weights change every step: cached KV would be stale
+        )
+        self.group: Any = None
+        self.device = torch.device("cuda" if spec.use_gpu else "cpu")
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, seed: int) -> list[Group]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                repetition_penalty=sampling.repetition_penalty,
+                max_tokens=sampling.max_tokens,
+                logprobs=0 if sampling.logprobs else None,
+                seed=seed + i,
+            )
+            for i in range(len(prompt_ids))
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [_to_group(out, sampling.logprobs) for out in outputs]
+
+    def completion_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """Engine-side log p(completion | prompt) per token (temperature 1), for sync checks."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = []
+        for out, p, c in zip(outputs, prompt_ids, completion_ids):
+            per_pos = out.prompt_logprobs[len(p):]
+            result.append([entry[tok].logprob for entry, tok in zip(per_pos, c)])
+        return result
+
+    # ---------------------------------------------------------------- weight sync
+    def join_weight_group(self, address: sync.GroupAddress, rank: int) -> bool:
+        self.group = sync.open_group(address, rank)
+        return True
+
+    def receive_weights(self, metas: list[sync.TensorMeta]) -> int:
+        """Take a broadcast from trainer rank 0 and load it in place."""
+        weights = list(sync.receive_tensors(self.group, metas, self.device))
+        self._reload(weights)
+        return len(weights)
+
+    def load_weights(self, state: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]]) -> int:
+        """Object-store transport: the whole state arrives as one Ray object."""
+        weights = list(state.items()) if isinstance(state, dict) else list(state)
+        self._reload(weights)
+        return len(weights)
+
+    def _reload(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+
+
+def _to_group(output: Any, with_logprobs: bool) -> Group:
+    comps = output.outputs
+    logprobs = None
+    if with_logprobs:
+        logprobs = [[step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)] for c in comps]
+    return Group(
+        completion_ids=[list(c.token_ids) for c in comps],
+        logprobs=logprobs,
+        truncated=[c.finish_reason == "length" for c in comps],
+        texts=[c.text for c in comps],
+    )
+
+
+class RolloutPool:
+    """`num_rollout_actors` engines in one placement group, used as one generator."""
+
+    def __init__(self, cfg: GRPOConfig, spec: EngineSpec) -> None:
+        cl = cfg.cluster
+        bundle: dict[str, float] = {"CPU": cl.rollout_num_cpus}
+        if cl.use_gpu:
+            bundle["GPU"] = cl.tensor_parallel_size
+        if cl.rollout_resource:
+            bundle[cl.rollout_resource] = 0.001
+        self.placement: PlacementGroup = placement_group([dict(bundle) for _ in range(cl.num_rollout_actors)], strategy="PACK")
+        ray.get(self.placement.ready())
+        self.spec = spec
+        self.bundle = bundle
+        self.engines = [self._start(i) for i in range(cl.num_rollout_actors)]
+        ray.get([e.ready.remote() for e in self.engines])
+
+    def _start(self, index: int) -> Any:
+        actor = ray.remote(RolloutEngine).options(
+            num_cpus=self.bundle["CPU"],
+            num_gpus=self.bundle.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=index),
+            max_concurrency=1,
+        )
+        return actor.remote(self.spec)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, seed: int) -> list[Group]:
+        """Split prompts over the engines, submit everything at once, keep prompt order."""
+        shards = _split(list(range(len(prompt_ids))), len(self.engines))
+        refs = [
+            engine.generate.remote([prompt_ids[i] for i in idx], sampling, seed + idx[0] * 1000 if idx else seed)
+            for engine, idx in zip(self.engines, shards)
+            if idx
+        ]
+        return [group for part in ray.get(refs) for group in part]
+
+    def completion_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        return ray.get(self.engines[0].completion_logprobs.remote(prompt_ids, completion_ids))
+
+    def shutdown(self) -> None:
+        for engine in self.engines:
+            ray.kill(engine)
+        ray.util.remove_placement_group(self.placement)
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    size = math.ceil(len(items) / parts) if items else 0
+    return [items[i * size:(i + 1) * size] for i in range(parts)]
+
+
+# ------------------------------------------------------------------------- reward scoring
+@ray.remote(num_cpus=0.25, max_retries=0)
+def _score_task(specs: list[str], weights: list[float] | None, prompts: list, completions: list, columns: dict) -> list[list[float]]:
+    funcs = resolve_reward_functions(specs)
+    return score(funcs, weights, prompts, completions, columns)
+
+
+def score_rewards(
+    specs: list[str],
+    prompts: list,
+    completions: list,
+    columns: dict[str, list],
+    timeout_s: float,
+    num_chunks: int = 2,
+) -> torch.Tensor:
+    """(N, F) rewards, scored in parallel Ray tasks over chunks of the batch, with a timeout."""
+    n = len(completions)
+    chunks = [c for c in _split(list(range(n)), max(1, min(num_chunks, n))) if c]
+    refs = [
+        _score_task.remote(
+            specs,
+            None,
+            [prompts[i] for i in idx],
+            [completions[i] for i in idx],
+            {k: [v[i] for i in idx] for k, v in columns.items()},
+        )
+        for idx in chunks
+    ]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        first = chunks[refs.index(pending[0])][0]
+        raise RewardError(
+            f"reward functions {specs} did not finish within cluster.reward_timeout_s={timeout_s}s "
+            f"(samples from #{first}): make them faster or raise the timeout"
+        )
+    try:
+        parts = ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.as_instanceof_cause()
+        raise RewardError(str(cause).strip().splitlines()[-1]) from None
+    rows = [row for part in parts for row in _transpose(part)]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _transpose(per_func: list[list[float]]) -> list[list[float]]:
+    return [list(col) for col in zip(*per_func)]
+
+
+# ------------------------------------------------------------------------- the rollout step
+class Rollout:
+    """Generate-and-score: prompt rows in, a scored `RolloutBatch` out (TRL's first half)."""
+
+    def __init__(self, cfg: GRPOConfig, pool: RolloutPool, tokenizer: Any) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.sampling = SamplingSpec.from_config(cfg)
+
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        limit = self.cfg.max_prompt_length
+        return [x[-limit:] if limit else x for x in ids]  # keep the end: it holds the question
+
+    def generate_and_score(self, rows: list[dict], prompt_texts: list[str], step: int) -> RolloutBatch:
+        cfg = self.cfg
+        G = cfg.num_generations
+        prompt_ids = self.tokenize(prompt_texts)
+        t0 = time.perf_counter()
+        groups = self.pool.generate(prompt_ids, self.sampling, seed=cfg.seed * 1_000_003 + step * 10_007)
+        generate_s = time.perf_counter() - t0
+
+        completion_ids = [c for g in groups for c in g.completion_ids]
+        texts = [t for g in groups for t in g.texts]
+        conversational = bool(rows) and isinstance(rows[0].get("prompt"), list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        prompts = [row["prompt"] for row in rows for _ in range(G)]
+        columns = {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+
+        t1 = time.perf_counter()
+        per_func = score_rewards(cfg.reward_funcs, prompts, completions, columns, cfg.cluster.reward_timeout_s)
+        rewards = combine_rewards(per_func, cfg.reward_weights)
+        advantages = group_advantages(rewards, G, cfg.scale_rewards)
+        score_s = time.perf_counter() - t1
+
+        truncated = [t for g in groups for t in g.truncated]
+        logprobs = [lp for g in groups for lp in g.logprobs] if groups and groups[0].logprobs is not None else None
+        return RolloutBatch(
+            prompt_ids=[p for p in prompt_ids for _ in range(G)],
+            completion_ids=completion_ids,
+            sampling_logprobs=logprobs,
+            truncated=truncated,
+            prompts=prompts,
+            completions=completions,
+            rewards=rewards,
+            rewards_per_func=per_func,
+            reward_names=list(cfg.reward_funcs),
+            advantages=advantages,
+            num_generations=G,
+            generate_s=generate_s,
+            score_s=score_s,
+            gen_tokens=sum(len(c) for c in completion_ids),
+        )

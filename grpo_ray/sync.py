@@ -1,0 +1,117 @@
+"""Weight sync: move the policy's new weights from trainer rank 0 into every vLLM engine.
+
+One code path, the transport a parameter:
+
+- `gloo` / `nccl`: a standalone `torch.distributed` broadcast group (trainer rank 0 = root, one
+  rank per engine), built from a `TCPStore` beside the default groups that Ray Train and vLLM
+  already own (`init_process_group` cannot be called twice in a process). Tensors stream one
+  by one, so under ZeRO-3 only one gathered parameter is materialised at a time.
+- `object_store`: rank 0 puts the full state dict in Ray's object store once; each engine pulls
+  it. Works anywhere Ray works, at the cost of one extra copy.
+
+Either way the engine applies the tensors with vLLM's own in-place `reload_weights`.
+Tied embeddings matter: the sender yields every *name* the checkpoint has (including
+`lm_head.weight` when tied to `embed_tokens`), or vLLM's output head silently goes stale.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+TRANSPORTS = ("gloo", "nccl", "object_store")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a receiver must allocate before a broadcast: crosses the Ray boundary."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # e.g. "float32"; torch dtypes are not JSON-friendly
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class GroupAddress:
+    """Where the broadcast group's rendezvous store listens."""
+
+    host: str
+    port: int
+    world_size: int
+    backend: str
+
+
+def resolve_transport(weight_sync: str, use_gpu: bool) -> str:
+    if weight_sync == "auto":
+        return "nccl" if use_gpu else "gloo"
+    if weight_sync not in TRANSPORTS:
+        raise ValueError(f"cluster.weight_sync={weight_sync!r}: use one of auto, {', '.join(TRANSPORTS)}")
+    return weight_sync
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def open_group(address: GroupAddress, rank: int, timeout_s: float = 300.0) -> dist.ProcessGroup:
+    """Join the standalone broadcast group (blocks until every rank has joined)."""
+    store = dist.TCPStore(
+        address.host,
+        address.port,
+        address.world_size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+    prefixed = dist.PrefixStore("grpo_ray_weight_sync", store)
+    if address.backend == "nccl":  # pragma: no cover - needs GPUs
+        group = dist.ProcessGroupNCCL(prefixed, rank, address.world_size)
+    else:
+        group = dist.ProcessGroupGloo(prefixed, rank, address.world_size, timedelta(seconds=timeout_s))
+    group._grpo_store = store  # keep the store alive as long as the group
+    return group
+
+
+def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()
+
+
+def send_tensors(group: dist.ProcessGroup, tensors: Iterable[torch.Tensor], device: torch.device) -> None:
+    """Root side: broadcast each tensor in order (one materialised at a time)."""
+    for tensor in tensors:
+        broadcast(group, tensor.detach().to(device).contiguous())
+
+
+def receive_tensors(group: dist.ProcessGroup, metas: list[TensorMeta], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Receiver side: allocate each tensor from its meta and fill it from the root."""
+    for meta in metas:
+        buffer = torch.empty(meta.shape, dtype=meta.torch_dtype, device=device)
+        broadcast(group, buffer)
+        yield meta.name, buffer
+
+
+def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Every checkpoint name with its parameter, tied aliases included (see module docstring)."""
+    return list(model.named_parameters(remove_duplicate=False))
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The unpartitioned shape (ZeRO-3 keeps it in `ds_shape`)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def metas_for(named: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> list[TensorMeta]:
+    return [TensorMeta(name, full_shape(p), str(dtype).removeprefix("torch.")) for name, p in named]
