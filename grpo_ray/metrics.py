@@ -59,7 +59,7 @@ class MetricsLogger:
         step = int(metrics["step"])
         if step % self.every and step != self.max_steps:
             return
-        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+        row = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()}
         self.file.write(json.dumps(row) + "\n")
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:

@@ -142,6 +142,7 @@ class RolloutEngine:
 
     def __init__(self, spec: EngineSpec) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(math.ceil(spec.kv_cache_gib)))))
         from vllm import LLM
 

@@ -64,7 +64,15 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def open_group(address: GroupAddress, rank: int, timeout_s: float = 300.0) -> dist.ProcessGroup:
+@dataclass
+class SyncGroup:
+    """A broadcast group and the store it rendezvoused through (kept alive together)."""
+
+    pg: dist.ProcessGroup
+    store: dist.Store
+
+
+def open_group(address: GroupAddress, rank: int, timeout_s: float = 300.0) -> SyncGroup:
     """Join the standalone broadcast group (blocks until every rank has joined)."""
     store = dist.TCPStore(
         address.host,
@@ -76,26 +84,25 @@ def open_group(address: GroupAddress, rank: int, timeout_s: float = 300.0) -> di
     )
     prefixed = dist.PrefixStore("grpo_ray_weight_sync", store)
     if address.backend == "nccl":  # pragma: no cover - needs GPUs
-        group = dist.ProcessGroupNCCL(prefixed, rank, address.world_size)
+        pg = dist.ProcessGroupNCCL(prefixed, rank, address.world_size)
     else:
-        group = dist.ProcessGroupGloo(prefixed, rank, address.world_size, timedelta(seconds=timeout_s))
-    group._grpo_store = store  # keep the store alive as long as the group
-    return group
+        pg = dist.ProcessGroupGloo(prefixed, rank, address.world_size, timedelta(seconds=timeout_s))
+    return SyncGroup(pg, store)
 
 
-def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
+def broadcast(group: SyncGroup, tensor: torch.Tensor) -> None:
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()
+    group.pg.broadcast([tensor], opts).wait()
 
 
-def send_tensors(group: dist.ProcessGroup, tensors: Iterable[torch.Tensor], device: torch.device) -> None:
+def send_tensors(group: SyncGroup, tensors: Iterable[torch.Tensor], device: torch.device) -> None:
     """Root side: broadcast each tensor in order (one materialised at a time)."""
     for tensor in tensors:
         broadcast(group, tensor.detach().to(device).contiguous())
 
 
-def receive_tensors(group: dist.ProcessGroup, metas: list[TensorMeta], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def receive_tensors(group: SyncGroup, metas: list[TensorMeta], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Receiver side: allocate each tensor from its meta and fill it from the root."""
     for meta in metas:
         buffer = torch.empty(meta.shape, dtype=meta.torch_dtype, device=device)

@@ -162,6 +162,7 @@ class Policy:
         num_items = tokens_in_step / (world * cfg.gradient_accumulation_steps)
         stats: list[dict[str, float]] = []
         mismatch: list[float] = []
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
         self.engine.train()
         for _ in range(cfg.num_iterations):
             for mb in mbs:
@@ -183,8 +184,10 @@ class Policy:
                 self.engine.step()
                 stats.append({"loss": float(loss.detach()), **m})
         out = _mean_dicts(stats)
-        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        out["learning_rate"] = float(self.scheduler.get_last_lr()[0])
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        out["learning_rate"] = lr
         if mismatch:
             out["logprob_mismatch"] = float(np.mean(mismatch))
         return out

@@ -1,0 +1,140 @@
+"""`grpo-ray`: the command line. Parses arguments, builds a `GRPOConfig`, calls the driver.
+
+User mistakes (config, data, model, reward function, output dir) print one line naming the
+problem and the fix, exit 2, and show no traceback unless `--debug` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import traceback
+from importlib import resources
+from pathlib import Path
+
+from grpo_ray.config import GRPOConfig, merge, parse_override
+
+USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ModelError", "RunDirError")
+_USER_ERROR_LINE = re.compile(rf"({'|'.join(USER_ERRORS)}): (.+)")
+
+
+def builtin_config(name: str) -> Path:
+    return Path(str(resources.files("grpo_ray") / "configs" / f"{name}.yaml"))
+
+
+def load_config(args: argparse.Namespace) -> GRPOConfig:
+    """--config FILE (or the demo / --quick preset), then --set overrides, then flags."""
+
+    path = Path(args.config) if args.config else builtin_config("quick" if getattr(args, "quick", False) else "demo")
+    cfg = GRPOConfig.from_yaml(path)
+    raw = cfg.to_dict()
+    for item in args.set or []:
+        raw = merge(raw, parse_override(item))
+    if getattr(args, "output_dir", None):
+        raw["output_dir"] = args.output_dir
+    if getattr(args, "address", None):
+        raw.setdefault("cluster", {})["address"] = args.address
+    return GRPOConfig.from_dict(raw)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from grpo_ray.driver import train
+
+    if args.resume and not args.config:
+        run_file = Path(args.resume) / "run_config.yaml"
+        if run_file.is_file():
+            args.config = str(run_file)
+    if args.resume:
+        args.output_dir = args.output_dir or args.resume
+    cfg = load_config(args)
+    result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    final = result.final_metrics
+    print(
+        f"done: {result.steps} steps, reward_mean {final.get('reward_mean', float('nan')):.3f}; "
+        f"metrics {result.output_dir}/metrics.jsonl; curve {result.reward_curve}; model {result.checkpoint_dir}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from grpo_ray.evaluate import evaluate
+    from grpo_ray.models import resolve_model_path
+
+    cfg = load_config(args)
+    if args.data:
+        cfg = cfg.with_overrides({"data": {"task": args.data}})
+    model = resolve_model_path(args.model or cfg.model_name_or_path)
+    result = evaluate(cfg, model, limit=args.limit)
+    line = {"model": result.model, "task": result.task, "accuracy": result.accuracy, "num_samples": result.num_samples, "seconds": round(result.seconds, 1)}
+    print(json.dumps(line))
+    if args.output:
+        Path(args.output).write_text(json.dumps({**line, "examples": result.examples}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo-ray", description="GRPO post-training on Ray: vLLM rollouts, DeepSpeed updates.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config (default: the built-in demo)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set cluster.zero_stage=2")
+        p.add_argument("--quick", action="store_true", help="use the one-minute tiny-model config instead of the demo")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+
+    train = sub.add_parser("train", help="run a GRPO training job")
+    common(train)
+    train.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    train.add_argument("--output-dir", help="where metrics, checkpoints and plots go")
+    train.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="held-out accuracy of a model with vLLM")
+    common(ev)
+    ev.add_argument("--model", help="model folder or built-in name (default: the config's model)")
+    ev.add_argument("--data", help="task, e.g. reasoning_gym/chain_sum, arith, or a .jsonl path")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N eval rows")
+    ev.add_argument("--output", help="write the result and a few examples as JSON")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of a user mistake, even when it surfaced through Ray."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in USER_ERRORS:
+            return str(exc).strip().splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("GRPO_RAY_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("grpo-ray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the top of the program: report, then exit
+        message = user_error_message(exc)
+        if message is None:
+            found = _USER_ERROR_LINE.findall(str(exc))
+            message = found[-1][1].strip() if found else None
+        if debug or message is None:
+            traceback.print_exc()
+        if message is not None:
+            print(f"grpo-ray: error: {message}", file=sys.stderr)
+            return 2
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

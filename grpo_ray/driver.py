@@ -1,0 +1,154 @@
+"""Driver: start (or join) Ray, place the vLLM engines, run the trainer workers, collect results.
+
+The driver holds no model. It resolves the model folder, checks the output dir, starts the
+rollout pool, and hands everything to a `TorchTrainer`, whose workers run the step loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from grpo_ray.config import GRPOConfig
+from grpo_ray.metrics import CURVE_FILE, METRICS_FILE, plot_reward_curve, read_metrics
+from grpo_ray.models import resolve_model_path
+from grpo_ray.rollout import EngineSpec, RolloutPool
+from grpo_ray.sync import resolve_transport
+from grpo_ray.trainer import MODEL_DIR, TRAINER_STATE, LoopConfig, train_loop_per_worker
+
+RUN_FILE = "run_config.yaml"
+RUN_NAME = "train"
+
+
+class RunDirError(ValueError):
+    """The output dir holds something that this run must not silently mix with."""
+
+
+@dataclass
+class RunResult:
+    output_dir: str
+    steps: int
+    final_metrics: dict[str, Any]
+    checkpoint_dir: str | None  # the last checkpoint's HF model folder
+    reward_curve: str | None
+
+
+def required_cpus(cfg: GRPOConfig) -> int:
+    cl = cfg.cluster
+    return int(cl.num_rollout_actors * cl.rollout_num_cpus + cl.num_trainer_workers * cl.trainer_num_cpus + 1)
+
+
+def init_ray(cfg: GRPOConfig) -> None:
+    """Join `cluster.address`, or start an embedded Ray bound to loopback."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}}
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, runtime_env=env)
+        return
+    ray.init(
+        num_cpus=cfg.cluster.num_cpus or required_cpus(cfg),
+        num_gpus=None if cfg.cluster.use_gpu else 0,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env=env,
+        log_to_driver=True,
+    )
+
+
+def prepare_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
+    """Refuse to mix runs: an existing run dir needs --resume (same run) or --overwrite."""
+    out = Path(cfg.output_dir).resolve()
+    has_run = (out / RUN_FILE).is_file() or (out / METRICS_FILE).is_file()
+    if has_run and not (resume or overwrite):
+        raise RunDirError(f"output_dir {str(out)!r} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    if resume and not has_run:
+        raise RunDirError(f"--resume: {str(out)!r} holds no run to resume; drop --resume to start one")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        cfg.to_yaml(out / RUN_FILE)
+    return out
+
+
+def latest_checkpoint(out: Path) -> ray.train.Checkpoint | None:
+    """The newest complete checkpoint Ray Train wrote under this run dir."""
+    root = out / "ray" / RUN_NAME
+    found = sorted(
+        (int(json.loads((p / TRAINER_STATE).read_text())["step"]), p)
+        for p in root.glob("checkpoint_*")
+        if (p / TRAINER_STATE).is_file()
+    )
+    return ray.train.Checkpoint.from_directory(str(found[-1][1])) if found else None
+
+
+def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:
+    precision = cfg.resolved_precision(device_supports_bf16=cfg.cluster.use_gpu)
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    return EngineSpec(
+        model_path=model_path,
+        dtype=dtype,
+        max_model_len=(cfg.max_prompt_length or 512) + cfg.max_completion_length,
+        seed=cfg.seed,
+        tensor_parallel_size=cfg.cluster.tensor_parallel_size,
+        kv_cache_gib=cfg.cluster.kv_cache_gib,
+        gpu_memory_utilization=cfg.cluster.gpu_memory_utilization,
+        use_gpu=cfg.cluster.use_gpu,
+    )
+
+
+def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, resume_from: ray.train.Checkpoint | None) -> TorchTrainer:
+    cl = cfg.cluster
+    resources: dict[str, float] = {"CPU": cl.trainer_num_cpus}
+    if cl.use_gpu:
+        resources["GPU"] = 1
+    if cl.trainer_resource:
+        resources[cl.trainer_resource] = 0.001
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=ScalingConfig(num_workers=cl.num_trainer_workers, use_gpu=cl.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cl.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(out / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit),
+            failure_config=FailureConfig(max_failures=cl.max_failures),
+        ),
+        resume_from_checkpoint=resume_from,
+    )
+
+
+def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Run one GRPO training job to completion and return where its outputs are."""
+    model_path = resolve_model_path(cfg.model_name_or_path)
+    out = prepare_output_dir(cfg, resume, overwrite)
+    init_ray(cfg)
+    pool = RolloutPool(cfg, engine_spec(cfg, model_path))
+    try:
+        transport = resolve_transport(cfg.cluster.weight_sync, cfg.cluster.use_gpu)
+        loop = LoopConfig(cfg=cfg.to_dict(), model_path=model_path, pool=pool, transport=transport, output_dir=str(out))
+        result = make_trainer(cfg, loop, out, latest_checkpoint(out) if resume else None).fit()
+    finally:
+        pool.shutdown()
+    if result.error is not None:
+        raise result.error
+    rows = read_metrics(out)
+    curve = plot_reward_curve(out)
+    ckpt = latest_checkpoint(out)
+    return RunResult(
+        output_dir=str(out),
+        steps=int(rows[-1]["step"]) if rows else 0,
+        final_metrics=rows[-1] if rows else {},
+        checkpoint_dir=str(Path(ckpt.path) / MODEL_DIR) if ckpt else None,
+        reward_curve=str(curve) if curve else None,
+    )
