@@ -164,6 +164,9 @@ class RolloutEngine:
     def ready(self) -> bool:
         return True
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, seed: int) -> list[Group]:
         from vllm import SamplingParams, TokensPrompt
 

@@ -17,10 +17,12 @@ Tied embeddings matter: the sender yields every *name* the checkpoint has (inclu
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -122,3 +124,65 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
 
 def metas_for(named: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> list[TensorMeta]:
     return [TensorMeta(name, full_shape(p), str(dtype).removeprefix("torch.")) for name, p in named]
+
+
+def plain_weights(named: list[tuple[str, torch.nn.Parameter]], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Full tensors of an unpartitioned model (ZeRO 0/2, or a plain module)."""
+    for _, param in named:
+        yield param.data.to(dtype)
+
+
+class WeightSender:
+    """Trainer side: every rank walks the weights (ZeRO-3 gathers are collective), rank 0 sends.
+
+    `engines` are actor handles exposing `join_weight_group`, `receive_weights`, `load_weights`.
+    """
+
+    def __init__(
+        self,
+        engines: list[Any],
+        module: torch.nn.Module,
+        dtype: torch.dtype,
+        transport: str,
+        rank: int = 0,
+        full_weights: Callable[[list[tuple[str, torch.nn.Parameter]]], Iterator[torch.Tensor]] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.engines, self.transport, self.rank = list(engines), transport, rank
+        self.named = named_weights(module)
+        self.metas = metas_for(self.named, dtype)
+        self.full_weights = full_weights or (lambda named: plain_weights(named, dtype))
+        self.device = device if (transport == "nccl" and device is not None) else torch.device("cpu")
+        self.group: SyncGroup | None = None
+
+    def _connect(self) -> None:
+        host = ray.util.get_node_ip_address()
+        address = GroupAddress(host, free_port(host), 1 + len(self.engines), self.transport)
+        joins = [e.join_weight_group.remote(address, i + 1) for i, e in enumerate(self.engines)]
+        self.group = open_group(address, rank=0)
+        ray.get(joins)
+
+    def replace_engines(self, engines: list[Any]) -> None:
+        """New engine handles (e.g. after a restart): the group is rebuilt on the next push."""
+        self.engines = list(engines)
+        self.group = None
+
+    def push(self) -> float:
+        """Send the current weights to every engine; returns seconds spent."""
+        t0 = time.perf_counter()
+        tensors = self.full_weights(self.named)
+        if self.rank != 0:
+            for _ in tensors:  # take part in the ZeRO-3 gathers
+                pass
+            return time.perf_counter() - t0
+        if self.transport == "object_store":
+            state = [(name, t.detach().cpu().clone()) for (name, _), t in zip(self.named, tensors)]
+            ref = ray.put(state)
+            ray.get([e.load_weights.remote(ref) for e in self.engines])
+        else:
+            if self.group is None:
+                self._connect()
+            pending = [e.receive_weights.remote(self.metas) for e in self.engines]
+            send_tensors(self.group, tensors, self.device)
+            ray.get(pending)
+        return time.perf_counter() - t0

