@@ -163,7 +163,7 @@ class GRPOConfig:
 
     def resolved_precision(self, device_supports_bf16: bool) -> str:
         """'bf16', 'fp16' or 'fp32' after resolving "auto" against the device."""
-        bf16 = device_supports_bf16 if self.bf16 in (None, "auto") else bool(self.bf16)
+        bf16 = (device_supports_bf16 and self.fp16 is not True) if self.bf16 in (None, "auto") else bool(self.bf16)
         fp16 = (not bf16 and self.cluster.use_gpu) if self.fp16 == "auto" else bool(self.fp16)
         return "bf16" if bf16 else ("fp16" if fp16 else "fp32")
 
@@ -200,7 +200,7 @@ class GRPOConfig:
         """A config from one of the seed guide's presets, with keyword overrides on top."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-        return cls.from_dict(merge(PRESETS[name], overrides))
+        return cls.from_dict(merge(_canonical(PRESETS[name]), _canonical(overrides)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,7 +212,7 @@ class GRPOConfig:
         return text
 
     def with_overrides(self, overrides: dict[str, Any]) -> "GRPOConfig":
-        return GRPOConfig.from_dict(merge(self.to_dict(), overrides))
+        return GRPOConfig.from_dict(merge(self.to_dict(), _canonical(overrides)))
 
 
 # The seed guide's presets (../shared/seed): `balanced` is its basic config as written; the other
@@ -250,6 +250,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _canonical(raw: dict[str, Any]) -> dict[str, Any]:
+    """Top-level TRL spellings renamed to our field names, so a merge never holds both."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        if name in out:
+            raise ConfigError(f"{name}: given twice (as {name!r} and its alias {key!r}): keep one")
+        out[name] = value
+    return out
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `overrides` into a copy of `base` (nested sections merge key by key)."""
     out = dict(base)
@@ -266,7 +277,11 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set learning_rate=1e-5")
     key, value = text.split("=", 1)
-    node: Any = yaml.safe_load(value) if value.strip() else None
+    try:
+        node: Any = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem}); quote it or fix the brackets") from None
     for part in reversed(key.strip().split(".")):
         node = {part: node}
     return node

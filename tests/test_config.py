@@ -199,7 +199,6 @@ def test_unknown_preset_lists_the_choices():
         assert name in msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: preset keys use the alias max_new_tokens; overriding the canonical name collides")
 def test_preset_override_by_canonical_name_of_an_aliased_key():
     assert GRPOConfig.preset("balanced", max_completion_length=256).max_completion_length == 256
 
@@ -496,12 +495,10 @@ def test_with_overrides_validates():
     assert "'cluster.num_trainer_workers'" in _error(exc_info)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with_overrides merges alias keys next to canonical ones -> 'given twice'")
 def test_with_overrides_accepts_trl_aliases():
     assert GRPOConfig().with_overrides(parse_override("max_new_tokens=256")).max_completion_length == 256
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_override lets yaml.YAMLError (multi-line) escape instead of ConfigError")
 def test_parse_override_malformed_value_is_a_config_error():
     with pytest.raises(ConfigError) as exc_info:
         parse_override("reward_funcs=[accuracy,")
@@ -531,7 +528,6 @@ def test_resolved_precision(bf16, fp16, use_gpu, supports, expected):
     assert cfg.resolved_precision(device_supports_bf16=supports) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bf16 auto ignores an explicit fp16: true (TRL: bf16=None -> not fp16)")
 def test_resolved_precision_auto_bf16_yields_to_explicit_fp16():
     cfg = GRPOConfig.from_dict({"bf16": "auto", "fp16": True, "cluster": {"use_gpu": True}})
     assert cfg.resolved_precision(device_supports_bf16=True) == "fp16"
