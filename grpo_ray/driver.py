@@ -106,7 +106,8 @@ def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:
     )
 
 
-def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, resume_from: ray.train.Checkpoint | None) -> TorchTrainer:
+def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path) -> TorchTrainer:
+    """Ray Train resumes by itself from the newest checkpoint under the same name and storage path."""
     cl = cfg.cluster
     resources: dict[str, float] = {"CPU": cl.trainer_num_cpus}
     if cl.use_gpu:
@@ -124,7 +125,6 @@ def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, resume_from: ray.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit),
             failure_config=FailureConfig(max_failures=cl.max_failures),
         ),
-        resume_from_checkpoint=resume_from,
     )
 
 
@@ -137,7 +137,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Run
     try:
         transport = resolve_transport(cfg.cluster.weight_sync, cfg.cluster.use_gpu)
         loop = LoopConfig(cfg=cfg.to_dict(), model_path=model_path, pool=pool, transport=transport, output_dir=str(out))
-        result = make_trainer(cfg, loop, out, latest_checkpoint(out) if resume else None).fit()
+        result = make_trainer(cfg, loop, out).fit()
     finally:
         pool.shutdown()
     if result.error is not None:
