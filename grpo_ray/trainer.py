@@ -289,17 +289,16 @@ class Worker:
 
 
 def next_batch(w: Worker, step: int) -> RolloutBatch:
-    """Rank 0 generates and scores; every rank gets its shard through the object store."""
-    ref = None
+    """Rank 0 generates and scores; the other ranks receive the batch over the trainer group."""
+    batch = None
     if w.rank == 0:
         rows = w.sampler.next_batch()
         batch = w.rollout.generate_and_score(rows, render_prompts(w.tokenizer, rows), step)
-        ref = ray.put(batch)
     if w.world > 1:
-        box = [ref]
+        box = [batch]
         dist.broadcast_object_list(box, src=0)
-        ref = box[0]
-    return ray.get(ref)
+        batch = box[0]
+    return batch
 
 
 def grpo_step(w: Worker, step: int) -> dict[str, float]:
