@@ -322,6 +322,19 @@ def grpo_step(w: Worker, step: int) -> dict[str, float]:
     }
 
 
+def record_placement(lc: LoopConfig, world: int) -> None:
+    """Write OUTPUT_DIR/placement.json: which Ray node runs each engine and trainer rank."""
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [None] * world
+    if world > 1:
+        dist.all_gather_object(nodes, node)
+    else:
+        nodes = [node]
+    if ray.train.get_context().get_world_rank() == 0:
+        engines = ray.get([e.node_id.remote() for e in lc.pool.engines])
+        Path(lc.output_dir, "placement.json").write_text(json.dumps({"trainer_nodes": nodes, "rollout_nodes": engines}, indent=1))
+
+
 def train_loop_per_worker(loop: dict) -> None:
     """Ray Train entry point: build the worker, restore, loop over steps, report."""
     from transformers import AutoTokenizer
@@ -349,6 +362,7 @@ def train_loop_per_worker(loop: dict) -> None:
         start = state["step"]
         if rank == 0:
             w.sampler.load_state_dict(state["sampler"])
+    record_placement(lc, world)
     if rank == 0:
         w.logger = MetricsLogger(lc.output_dir, cfg, resume_step=start)
     if start > 0:
