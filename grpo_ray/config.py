@@ -140,6 +140,9 @@ class GRPOConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     log_completions: bool = False
     eval_steps: int | None = None
+    # grpo-ray: greedy held-out accuracy of the start and final models -> OUTPUT_DIR/eval.json
+    eval_at_start_and_end: bool = False
+    eval_limit: int | None = None
     # --- grpo-ray's own sections
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -18,6 +18,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from grpo_ray.config import GRPOConfig
+from grpo_ray.evaluate import evaluate
 from grpo_ray.metrics import CURVE_FILE, METRICS_FILE, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
 from grpo_ray.rollout import EngineSpec, RolloutPool
@@ -39,6 +40,7 @@ class RunResult:
     final_metrics: dict[str, Any]
     checkpoint_dir: str | None  # the last checkpoint's HF model folder
     reward_curve: str | None
+    eval: dict[str, float] | None = None  # held-out accuracy {"start": .., "end": ..}
 
 
 def required_cpus(cfg: GRPOConfig) -> int:
@@ -64,14 +66,19 @@ def init_ray(cfg: GRPOConfig) -> None:
     )
 
 
-def prepare_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
-    """Refuse to mix runs: an existing run dir needs --resume (same run) or --overwrite."""
+def check_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
+    """Refuse to mix runs: an existing run dir needs --resume (same run) or --overwrite. Writes nothing."""
     out = Path(cfg.output_dir).resolve()
     has_run = (out / RUN_FILE).is_file() or (out / METRICS_FILE).is_file()
     if has_run and not (resume or overwrite):
         raise RunDirError(f"output_dir {str(out)!r} already holds a run: pass --resume to continue it or --overwrite to replace it")
     if resume and not has_run:
         raise RunDirError(f"--resume: {str(out)!r} holds no run to resume; drop --resume to start one")
+    return out
+
+
+def prepare_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
+    out = check_output_dir(cfg, resume, overwrite)
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,11 +135,22 @@ def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path) -> TorchTrainer:
     )
 
 
+def held_out_accuracy(cfg: GRPOConfig, model_path: str) -> float:
+    """Greedy eval-split accuracy, run as a Ray task so vLLM gets its own process and CPUs."""
+    task = ray.remote(num_cpus=cfg.cluster.rollout_num_cpus, max_retries=0)(evaluate)
+    return ray.get(task.remote(cfg, model_path, cfg.eval_limit)).accuracy
+
+
 def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Run one GRPO training job to completion and return where its outputs are."""
+    check_output_dir(cfg, resume, overwrite)
     model_path = resolve_model_path(cfg.model_name_or_path)
     out = prepare_output_dir(cfg, resume, overwrite)
     init_ray(cfg)
+    scores: dict[str, float] = {}
+    if cfg.eval_at_start_and_end and not resume:
+        scores["start"] = held_out_accuracy(cfg, model_path)
+        print(f"[grpo-ray] held-out accuracy before training: {scores['start']:.3f}")
     pool = RolloutPool(cfg, engine_spec(cfg, model_path))
     try:
         transport = resolve_transport(cfg.cluster.weight_sync, cfg.cluster.use_gpu)
@@ -145,10 +163,17 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Run
     rows = read_metrics(out)
     curve = plot_reward_curve(out)
     ckpt = latest_checkpoint(out)
+    if cfg.eval_at_start_and_end and ckpt is not None:
+        scores["end"] = held_out_accuracy(cfg, str(Path(ckpt.path) / MODEL_DIR))
+        previous = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
+        scores = {**previous, **scores}
+        (out / "eval.json").write_text(json.dumps(scores, indent=1))
+        print(f"[grpo-ray] held-out accuracy: {json.dumps(scores)}")
     return RunResult(
         output_dir=str(out),
         steps=int(rows[-1]["step"]) if rows else 0,
         final_metrics=rows[-1] if rows else {},
         checkpoint_dir=str(Path(ckpt.path) / MODEL_DIR) if ckpt else None,
         reward_curve=str(curve) if curve else None,
+        eval=scores or None,
     )

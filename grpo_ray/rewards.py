@@ -360,36 +360,25 @@ def _check_values(name: str, values: Any, n: int) -> list[float]:
 
 
 def _call_one(name: str, fn: Callable[..., Any], prompts: Sequence[Any], completions: Sequence[Any],
-              columns: Mapping[str, Sequence[Any]]) -> list[float]:
+              columns: Mapping[str, Sequence[Any]], index_offset: int = 0) -> list[float]:
     try:
         values = fn(list(prompts), list(completions), **_accepted_kwargs(fn, columns))
     except RewardError:
         raise
     except Exception as exc:
         idx = _first_failing_index(fn, prompts, completions, columns)
-        where = f" (first failing sample: {idx})" if idx is not None else ""
+        where = f" (first failing sample: {idx + index_offset})" if idx is not None else ""
         msg = str(exc).splitlines()[0] if str(exc) else ""
         raise RewardError(f"reward function {name!r} raised {type(exc).__name__}: {msg}{where}") from exc
     return _check_values(name, values, len(completions))
 
 
-def weighted_total(per_func: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> list[float]:
-    """Per-completion weighted sum over functions, skipping NaN; NaN where every function returned None
-    (TRL 1.16 semantics, same as ``grpo_ray.algorithm.combine_rewards``)."""
-    w = [1.0] * len(per_func) if weights is None else [float(x) for x in weights]
-    n = len(per_func[0]) if per_func else 0
-    totals = []
-    for i in range(n):
-        vals = [wf * r[i] for wf, r in zip(w, per_func) if not math.isnan(r[i])]
-        totals.append(float(sum(vals)) if vals else math.nan)
-    return totals
-
-
 def score(funcs: Sequence[tuple[str, RewardFn]], weights: Sequence[float] | None, prompts: Sequence[Any],
-          completions: Sequence[Any], columns: Mapping[str, Sequence[Any]] | None = None) -> list[list[float]]:
+          completions: Sequence[Any], columns: Mapping[str, Sequence[Any]] | None = None,
+          index_offset: int = 0) -> list[list[float]]:
     """Call each function once over the batch; return ``rewards_per_func[f][i]`` (function-major, NaN
     where a function returned None). Weights are only validated here (so a bad config fails inside the
-    reward task); combine with :func:`weighted_total` or ``algorithm.combine_rewards``."""
+    reward task); combine them with ``algorithm.combine_rewards``."""
     n = len(completions)
     columns = dict(columns or {})
     if len(prompts) != n:
@@ -399,4 +388,4 @@ def score(funcs: Sequence[tuple[str, RewardFn]], weights: Sequence[float] | None
             raise RewardError(f"column {k!r} has {len(v)} values for {n} completions; repeat columns per completion")
     if weights is not None and len(weights) != len(funcs):
         raise RewardError(f"got {len(weights)} reward weights for {len(funcs)} reward functions; give one weight each")
-    return [_call_one(name, fn, prompts, completions, columns) for name, fn in funcs]
+    return [_call_one(name, fn, prompts, completions, columns, index_offset) for name, fn in funcs]

@@ -287,9 +287,10 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
 
 # ------------------------------------------------------------------------- reward scoring
 @ray.remote(num_cpus=0.25, max_retries=0)
-def _score_task(specs: list[str], weights: list[float] | None, prompts: list, completions: list, columns: dict) -> list[list[float]]:
-    funcs = resolve_reward_functions(specs)
-    return score(funcs, weights, prompts, completions, columns)
+def _score_task(spec: str, prompts: list, completions: list, columns: dict, offset: int) -> list[float]:
+    """One reward function over one chunk; runs in a Ray worker, never in an engine or trainer."""
+    (values,) = score(resolve_reward_functions([spec]), None, prompts, completions, columns, index_offset=offset)
+    return values
 
 
 def score_rewards(
@@ -300,39 +301,39 @@ def score_rewards(
     timeout_s: float,
     num_chunks: int = 2,
 ) -> torch.Tensor:
-    """(N, F) rewards, scored in parallel Ray tasks over chunks of the batch, with a timeout."""
+    """(N, F) rewards: one Ray task per (function, chunk of the batch), all at once, with a timeout.
+
+    NaN where a function returned None. A function that raises, returns garbage or outlives
+    `timeout_s` becomes a one-line `RewardError` naming it (and the sample, where known)."""
     n = len(completions)
     chunks = [c for c in _split(list(range(n)), max(1, min(num_chunks, n))) if c]
-    refs = [
-        _score_task.remote(
-            specs,
-            None,
+    tasks = {
+        (f, k): _score_task.remote(
+            spec,
             [prompts[i] for i in idx],
             [completions[i] for i in idx],
-            {k: [v[i] for i in idx] for k, v in columns.items()},
+            {key: [v[i] for i in idx] for key, v in columns.items()},
+            idx[0],
         )
-        for idx in chunks
-    ]
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for f, spec in enumerate(specs)
+        for k, idx in enumerate(chunks)
+    }
+    refs = list(tasks.values())
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if pending:
         for ref in pending:
             ray.cancel(ref, force=True)
-        first = chunks[refs.index(pending[0])][0]
+        f, k = next(key for key, ref in tasks.items() if ref in pending)
         raise RewardError(
-            f"reward functions {specs} did not finish within cluster.reward_timeout_s={timeout_s}s "
-            f"(samples from #{first}): make them faster or raise the timeout"
+            f"reward function {specs[f]!r} did not finish within cluster.reward_timeout_s={timeout_s:g}s "
+            f"(samples {chunks[k][0]}..{chunks[k][-1]}): make it faster or raise the timeout"
         )
     try:
-        parts = ray.get(refs)
+        values = {key: ray.get(ref) for key, ref in tasks.items()}
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
-        raise RewardError(str(cause).strip().splitlines()[-1]) from None
-    rows = [row for part in parts for row in _transpose(part)]
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def _transpose(per_func: list[list[float]]) -> list[list[float]]:
-    return [list(col) for col in zip(*per_func)]
+        raise RewardError(str(exc.as_instanceof_cause()).strip().splitlines()[-1]) from None
+    columns_out = [[v for k in range(len(chunks)) for v in values[(f, k)]] for f in range(len(specs))]
+    return torch.tensor(columns_out, dtype=torch.float32).T.reshape(n, len(specs))
 
 
 # ------------------------------------------------------------------------- the rollout step

@@ -164,11 +164,12 @@ class Policy:
         mismatch: list[float] = []
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
         self.engine.train()
-        for _ in range(cfg.num_iterations):
+        for iteration in range(cfg.num_iterations):
             for mb in mbs:
                 logps = completion_logps(self.engine, mb, cfg.temperature).float()
-                if mb.sampling_logps is not None and mb.old_logps is None and not stats[len(mbs):]:
-                    mismatch.append(_masked_abs_diff(logps.detach(), mb.sampling_logps, mb.completion_mask))
+                if iteration == 0 and mb.sampling_logps is not None:  # the policy vLLM sampled from
+                    sampled_from = logps.detach() if mb.old_logps is None else mb.old_logps
+                    mismatch.append(_masked_abs_diff(sampled_from, mb.sampling_logps, mb.completion_mask))
                 loss, m = grpo_loss(
                     logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask,
                     loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
@@ -267,10 +268,6 @@ def load_checkpoint(policy: Policy, checkpoint: ray.train.Checkpoint) -> dict:
         return json.loads(Path(root, TRAINER_STATE).read_text())
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate()[1][:1], "torch_seed": int(torch.initial_seed())}
-
-
 # ----------------------------------------------------------------------------- the step
 @dataclass
 class Worker:
@@ -322,6 +319,16 @@ def grpo_step(w: Worker, step: int) -> dict[str, float]:
     }
 
 
+def progress_bar(cfg: GRPOConfig, start: int):
+    """A progress bar that Ray renders on the driver's terminal."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=cfg.max_steps, desc="GRPO")
+    if start:
+        bar.update(start)
+    return bar
+
+
 def record_placement(lc: LoopConfig, world: int) -> None:
     """Write OUTPUT_DIR/placement.json: which Ray node runs each engine and trainer rank."""
     node = ray.get_runtime_context().get_node_id()
@@ -367,10 +374,14 @@ def train_loop_per_worker(loop: dict) -> None:
         w.logger = MetricsLogger(lc.output_dir, cfg, resume_step=start)
     if start > 0:
         w.pusher.push()  # engines start from the base model: give them the restored policy
+    bar = progress_bar(cfg, start) if rank == 0 else None
     for step in range(start + 1, cfg.max_steps + 1):
         metrics = grpo_step(w, step)
         if w.logger is not None:
             w.logger.log(metrics)
+        if bar is not None:
+            bar.set_description(f"GRPO reward {metrics['reward_mean']:.3f} loss {metrics['loss']:+.4f}")
+            bar.update(1)
         save = step % cfg.save_steps == 0 or step == cfg.max_steps
         reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if save:
@@ -381,3 +392,5 @@ def train_loop_per_worker(loop: dict) -> None:
             ray.train.report(reported)
     if w.logger is not None:
         w.logger.close()
+    if bar is not None:
+        bar.close()

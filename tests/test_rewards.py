@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from grpo_ray import data, rewards
 from grpo_ray.rewards import RewardError, extract_answer, resolve_reward_functions, score
@@ -164,9 +165,12 @@ def test_score_weights_nan_and_kwarg_filtering(tmp_path: Path) -> None:
     assert per_func[1] == [1.0, 1.0, 0.0]
     assert all(math.isnan(x) for x in per_func[2])  # not reasoning-gym rows -> None -> NaN
     assert per_func[3] == [0.0, 0.0, 1.0]  # only_answer has no **kwargs: only `answer` is passed
-    assert rewards.weighted_total(per_func, [1.0, 0.5, 2.0, 1.0]) == [1.5, 0.5, 2.0]
+    from grpo_ray.algorithm import combine_rewards
+
+    totals = combine_rewards(torch.tensor(per_func).T, [1.0, 0.5, 2.0, 1.0])
+    assert totals.tolist() == [1.5, 0.5, 2.0]
     per_func = score(funcs[2:3], None, ["p"], ["x"], {})
-    assert math.isnan(per_func[0][0]) and math.isnan(rewards.weighted_total(per_func)[0])
+    assert math.isnan(per_func[0][0]) and math.isnan(float(combine_rewards(torch.tensor(per_func).T)[0]))
 
 
 def _bad_length(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:

@@ -26,7 +26,7 @@ REQUIRED_METRICS = {
 
 def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_path):
     out = tmp_path / "quick"
-    code = main(["train", "--quick", "--output-dir", str(out), "--set", "max_steps=4", "--set", "save_steps=2"])
+    code = main(["train", "--quick", "--output-dir", str(out), "--set", "max_steps=4", "--set", "save_steps=2", "--set", "num_iterations=2"])
     assert code == 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -89,14 +89,16 @@ def test_resume_continues_with_the_same_losses(tmp_path, tiny_model_path):
 
 
 def test_zero_stages_give_the_same_losses(tmp_path, tiny_model_path):
-    """ZeRO 0, 2 and 3 with 2 workers: same batch, same update, so the same loss at every step."""
-    common = dict(max_steps=3, save_steps=3, per_device_train_batch_size=16, gradient_accumulation_steps=2)
+    """ZeRO 0, 2 and 3 with 2 workers: same batch, same update, so the same loss at every step
+    (beta > 0, so the reference model is built too: a plain module, or ZeRO-3-partitioned)."""
+    common = dict(max_steps=3, save_steps=3, per_device_train_batch_size=16, gradient_accumulation_steps=2, beta=0.04)
     runs = {}
     for stage in (0, 2, 3):
         cfg = quick_config(tmp_path / f"z{stage}", cluster={"num_trainer_workers": 2, "zero_stage": stage}, **common)
         train(cfg)
         runs[stage] = read_metrics(cfg.output_dir)
         assert all(r["logprob_mismatch"] < 1e-3 for r in runs[stage])  # sync right under every stage
+        assert all("kl" in r for r in runs[stage]) and any(r["kl"] > 0 for r in runs[stage][1:])
     base = {r["step"]: r["loss"] for r in runs[0]}
     assert sum(abs(v) > 1e-6 for v in base.values()) >= 2, f"too few steps with a gradient to compare: {base}"
     for stage in (2, 3):
