@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/grpo-ray train $(ARGS)
+	$(VENV)/bin/grpo-ray train --overwrite $(ARGS)
 
 quick: install
 	$(VENV)/bin/grpo-ray train --quick --overwrite $(ARGS)

@@ -14,6 +14,7 @@ The maths lives in `grpo_ray.algorithm`; this module only moves tensors through 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tempfile
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_ray import sync
-from grpo_ray.algorithm import grpo_loss, selective_log_softmax
+from grpo_ray.algorithm import entropy_from_logits, grpo_loss, selective_log_softmax
 from grpo_ray.config import GRPOConfig
 from grpo_ray.data import PromptSampler, load_datasets, render_prompts
 from grpo_ray.metrics import MetricsLogger
@@ -92,23 +93,27 @@ def collate(batch: RolloutBatch, idx: list[int], pad_id: int, mask_truncated: bo
     )
 
 
-def completion_logps(model: Any, mb: MicroBatch, temperature: float) -> torch.Tensor:
-    """Per-token log p of the completion: logits only for the completion positions, one row at a time."""
+def completion_logps(model: Any, mb: MicroBatch, temperature: float, entropies: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log p of the completion (and, if asked, the entropy), from logits kept only for
+    the completion positions of one micro-batch; the log-softmax runs one row at a time."""
     C = mb.completion_ids.shape[1]
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, logits_to_keep=C + 1).logits[:, :-1]
-    return selective_log_softmax(logits, mb.completion_ids, temperature)
+    logps = selective_log_softmax(logits, mb.completion_ids, temperature).float()
+    entropy = entropy_from_logits(logits.detach().float() / temperature) if entropies else None
+    return logps, entropy
 
 
 # ----------------------------------------------------------------------------- the policy
 class Policy:
     """The trainable model under DeepSpeed, plus the frozen reference when beta > 0."""
 
-    def __init__(self, cfg: GRPOConfig, model_path: str, device: torch.device) -> None:
+    def __init__(self, cfg: GRPOConfig, model_path: str, device: torch.device, pad_id: int) -> None:
         import deepspeed
         from transformers import AutoModelForCausalLM, get_scheduler
 
         self.cfg = cfg
         self.device = device
+        self.pad_id = pad_id
         self.precision = cfg.resolved_precision(device_supports_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -146,9 +151,9 @@ class Policy:
         T = self.cfg.temperature
         for mb in mbs:
             if self.ref is not None:
-                mb.ref_logps = completion_logps(self.ref, mb, T).float()
+                mb.ref_logps, _ = completion_logps(self.ref, mb, T)
             if self.cfg.num_iterations > 1:
-                mb.old_logps = completion_logps(self.engine, mb, T).float()
+                mb.old_logps, _ = completion_logps(self.engine, mb, T)
 
     def update(self, batch: RolloutBatch, tokens_in_step: float) -> dict[str, float]:
         """`num_iterations` optimizer steps over this worker's shard; metrics averaged."""
@@ -166,7 +171,7 @@ class Policy:
         self.engine.train()
         for iteration in range(cfg.num_iterations):
             for mb in mbs:
-                logps = completion_logps(self.engine, mb, cfg.temperature).float()
+                logps, entropies = completion_logps(self.engine, mb, cfg.temperature, entropies=cfg.top_entropy_quantile < 1)
                 if iteration == 0 and mb.sampling_logps is not None:  # the policy vLLM sampled from
                     sampled_from = logps.detach() if mb.old_logps is None else mb.old_logps
                     mismatch.append(_masked_abs_diff(sampled_from, mb.sampling_logps, mb.completion_mask))
@@ -175,7 +180,7 @@ class Policy:
                     loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                     delta=cfg.delta, importance_sampling_level=cfg.importance_sampling_level,
                     max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items,
-                    top_entropy_quantile=1.0, sampling_per_token_logps=mb.sampling_logps,
+                    entropies=entropies, top_entropy_quantile=cfg.top_entropy_quantile, sampling_per_token_logps=mb.sampling_logps,
                     vllm_importance_sampling_correction=cfg.vllm_importance_sampling_correction,
                     vllm_importance_sampling_mode=cfg.vllm_importance_sampling_mode,
                     vllm_importance_sampling_clip_min=cfg.vllm_importance_sampling_clip_min,
@@ -303,7 +308,8 @@ def grpo_step(w: Worker, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
     batch = next_batch(w, step)  # generate + score (TRL's first half)
     t1 = time.perf_counter()
-    tokens = float(sum(len(c) for c in batch.completion_ids))
+    masked = w.cfg.mask_truncated_completions
+    tokens = max(1.0, float(sum(len(c) for c, cut in zip(batch.completion_ids, batch.truncated) if not (masked and cut))))
     stats = w.policy.update(batch.shard(w.rank, w.world), tokens)  # loss, backward, optimizer step
     t2 = time.perf_counter()
     sync_s = w.pusher.push()  # new weights -> vLLM engines
@@ -323,7 +329,7 @@ def progress_bar(cfg: GRPOConfig, start: int):
     """A progress bar that Ray renders on the driver's terminal."""
     from ray.experimental.tqdm_ray import tqdm
 
-    bar = tqdm(total=cfg.max_steps, desc="GRPO")
+    bar = tqdm(total=cfg.max_steps, desc="GRPO", unit="step")
     if start:
         bar.update(start)
     return bar
@@ -342,10 +348,21 @@ def record_placement(lc: LoopConfig, world: int) -> None:
         Path(lc.output_dir, "placement.json").write_text(json.dumps({"trainer_nodes": nodes, "rollout_nodes": engines}, indent=1))
 
 
+def quiet_report_logs() -> None:
+    """Ray Train V2 logs every report's full metrics dict at INFO; our progress bar says it better."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # pragma: no cover - a Ray without Train V2
+        pass
+
+
 def train_loop_per_worker(loop: dict) -> None:
     """Ray Train entry point: build the worker, restore, loop over steps, report."""
     from transformers import AutoTokenizer
 
+    quiet_report_logs()
     lc: LoopConfig = loop["loop"]
     cfg = GRPOConfig.from_dict(lc.cfg)
     ctx = ray.train.get_context()
@@ -354,8 +371,8 @@ def train_loop_per_worker(loop: dict) -> None:
     random.seed(cfg.seed + rank)
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if cfg.cluster.use_gpu else torch.device("cpu")
     tokenizer = AutoTokenizer.from_pretrained(lc.model_path)
-    policy = Policy(cfg, lc.model_path, device)
-    policy.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    policy = Policy(cfg, lc.model_path, device, pad_id)
     pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device)
     w = Worker(cfg, rank, world, policy, pusher, tokenizer)
     if rank == 0:
@@ -380,8 +397,8 @@ def train_loop_per_worker(loop: dict) -> None:
         if w.logger is not None:
             w.logger.log(metrics)
         if bar is not None:
-            bar.set_description(f"GRPO reward {metrics['reward_mean']:.3f} loss {metrics['loss']:+.4f}")
             bar.update(1)
+            bar.set_description(f"GRPO reward {metrics['reward_mean']:.3f} loss {metrics['loss']:+.4f}")
         save = step % cfg.save_steps == 0 or step == cfg.max_steps
         reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if save:

@@ -70,6 +70,8 @@ NOT_IN_TRL = {
     "reward_funcs",  # TRL: GRPOTrainer(reward_funcs=...)
     "max_prompt_length",  # dropped from TRL's GRPOConfig in 1.x; grpo-ray still truncates prompts
     "warmup_ratio",  # transformers 5 folded it into a fractional `warmup_steps`
+    "eval_at_start_and_end",  # held-out accuracy before/after, written to eval.json
+    "eval_limit",
     "data",
     "cluster",
 }
