@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run quick test test-fast bench clean
+.PHONY: install run quick test test-demo test-fast bench clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV)
@@ -22,6 +22,9 @@ quick: install
 
 test: install
 	$(PY) -m pytest -q tests $(ARGS)
+
+test-demo: install
+	$(PY) -m pytest -q -s tests/test_demo.py --run-demo $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow" $(ARGS)

@@ -1,4 +1,5 @@
-"""`grpo-ray`: the command line. Parses arguments, builds a `GRPOConfig`, calls the driver.
+"""`grpo-ray`: the command line. Parses arguments, builds a `GRPOConfig`, calls the driver
+(`submit` / `jobs`: grpo_ray/jobs.py, which runs these commands as Ray jobs on a cluster).
 
 User mistakes (config, data, model, reward function, output dir) print one line naming the
 problem and the fix, exit 2, and show no traceback unless `--debug` is given.
@@ -75,6 +76,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from grpo_ray.jobs import run_submit
+
+    return run_submit(args, build_parser(), load_config)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from grpo_ray.jobs import run_jobs
+
+    return run_jobs(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo-ray", description="GRPO post-training on Ray: vLLM rollouts, DeepSpeed updates.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -101,6 +114,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="evaluate only the first N eval rows")
     ev.add_argument("--output", help="write the result and a few examples as JSON")
     ev.set_defaults(func=cmd_eval)
+
+    # Cluster jobs (grpo_ray/jobs.py): run any command above as a Ray job on a running cluster.
+    address_help = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
+    submit = sub.add_parser("submit", help="run a grpo-ray command as a Ray job on a cluster: grpo-ray submit -- train ...")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
+    submit.add_argument("--working-dir", help="folder to upload as the job's working directory (default: only --config and the files it names)")
+    submit.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
+    submit.add_argument("--env-from", action="append", metavar="NAME", help="pass NAME's value from this shell, e.g. WANDB_API_KEY (repeatable)")
+    submit.add_argument("--submission-id", help="job ID (default: grpo-ray-COMMAND-DATE-TIME-XXXX)")
+    submit.add_argument("--python", default="python", help="Python on the cluster that runs `-m grpo_ray.cli` (default: python)")
+    submit.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    submit.add_argument("job", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the grpo-ray command to run, e.g. -- train --config my.yaml")
+    submit.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list, inspect, stop and read the logs of submitted jobs")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    for name, text in (("list", "jobs on the cluster"), ("status", "one job's status"), ("stop", "stop a job"), ("logs", "a job's logs")):
+        p = jobs_sub.add_parser(name, help=text)
+        p.add_argument("--address", help=address_help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        if name != "list":
+            p.add_argument("job_id", metavar="SUBMISSION_ID", help="the ID `grpo-ray submit` printed")
+        p.set_defaults(func=cmd_jobs)
+    jobs_sub.choices["list"].add_argument("--all", action="store_true", help="every Ray job, not only grpo-ray's")
+    jobs_sub.choices["list"].add_argument("--json", action="store_true", help="JSON instead of a table")
+    jobs_sub.choices["status"].add_argument("--json", action="store_true", help="JSON details (env var values redacted)")
+    jobs_sub.choices["stop"].add_argument("--no-wait", action="store_true", help="return at once instead of waiting for STOPPED")
+    jobs_sub.choices["stop"].add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to end (default 60)")
+    jobs_sub.choices["logs"].add_argument("--follow", action="store_true", help="stream until the job ends; exit like submit --follow")
     return parser
 
 

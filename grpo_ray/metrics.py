@@ -91,7 +91,10 @@ def plot_reward_curve(output_dir: str | Path, label: str | None = None) -> Path 
     mean = [r["reward_mean"] for r in rows]
     std = [r.get("reward_std", 0.0) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, mean, label=label or "reward_mean")
+    ax.plot(steps, mean, alpha=0.5, label=label or "reward_mean")
+    window = max(1, min(10, len(mean) // 5))
+    smooth = [sum(mean[max(0, i - window + 1): i + 1]) / len(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
+    ax.plot(steps, smooth, linewidth=2, label=f"moving average ({window} steps)")
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel("reward")

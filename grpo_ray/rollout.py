@@ -331,7 +331,8 @@ def score_rewards(
     try:
         values = {key: ray.get(ref) for key, ref in tasks.items()}
     except ray.exceptions.RayTaskError as exc:
-        raise RewardError(str(exc.as_instanceof_cause()).strip().splitlines()[-1]) from None
+        last = str(exc.as_instanceof_cause()).strip().splitlines()[-1]
+        raise RewardError(last.split("RewardError: ", 1)[-1]) from None
     columns_out = [[v for k in range(len(chunks)) for v in values[(f, k)]] for f in range(len(specs))]
     return torch.tensor(columns_out, dtype=torch.float32).T.reshape(n, len(specs))
 

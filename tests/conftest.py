@@ -53,3 +53,16 @@ def quick_config(tmp_path: Path, **overrides):
 
     cfg = GRPOConfig.from_yaml(builtin_config("quick"))
     return cfg.with_overrides({"output_dir": str(tmp_path / "run"), **overrides})
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-demo", action="store_true", help="also run the ~13-minute SmolLM2 demo test (make test-demo)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-demo") or os.environ.get("GRPO_RAY_RUN_DEMO") == "1":
+        return
+    skip = pytest.mark.skip(reason="the full SmolLM2 demo takes ~13 minutes: run `make test-demo`")
+    for item in items:
+        if "demo" in item.keywords:
+            item.add_marker(skip)

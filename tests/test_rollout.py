@@ -28,7 +28,7 @@ def user_rewards(tmp_path):
         def sometimes_none(prompts, completions, **kw):
             return [None if i % 2 else 1.0 for i in range(len(completions))]
         def boom_at_3(prompts, completions, **kw):
-            return [1.0 / (i != 3) for i in range(len(completions))]
+            return [1.0 / (c != "dddd") for c in completions]
         def slow(prompts, completions, **kw):
             time.sleep(60)
             return [0.0] * len(completions)
