@@ -74,7 +74,7 @@ class ClusterConfig:
     use_gpu: bool = False
     zero_stage: int = 0
     weight_sync: str = "auto"  # auto -> nccl on GPU, gloo on CPU
-    reward_num_cpus: float = 0.25
+    reward_num_cpus: float = 0.0  # CPUs reserved per reward task (0: never wait for a free CPU)
     reward_timeout_s: float = 60.0
     max_failures: int = 0
     # Node roles: resources a node must offer to host rollout engines / trainer workers.

@@ -286,7 +286,7 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------- reward scoring
-@ray.remote(num_cpus=0.25, max_retries=0)
+@ray.remote(max_retries=0)
 def _score_task(spec: str, prompts: list, completions: list, columns: dict, offset: int) -> list[float]:
     """One reward function over one chunk; runs in a Ray worker, never in an engine or trainer."""
     (values,) = score(resolve_reward_functions([spec]), None, prompts, completions, columns, index_offset=offset)
@@ -300,6 +300,7 @@ def score_rewards(
     columns: dict[str, list],
     timeout_s: float,
     num_chunks: int = 2,
+    num_cpus: float = 0.0,
 ) -> torch.Tensor:
     """(N, F) rewards: one Ray task per (function, chunk of the batch), all at once, with a timeout.
 
@@ -307,8 +308,10 @@ def score_rewards(
     `timeout_s` becomes a one-line `RewardError` naming it (and the sample, where known)."""
     n = len(completions)
     chunks = [c for c in _split(list(range(n)), max(1, min(num_chunks, n))) if c]
+    # "DEFAULT": never inherit the caller's placement group (a trainer worker's bundle is full).
+    task = _score_task.options(num_cpus=num_cpus, scheduling_strategy="DEFAULT")
     tasks = {
-        (f, k): _score_task.remote(
+        (f, k): task.remote(
             spec,
             [prompts[i] for i in idx],
             [completions[i] for i in idx],
@@ -368,7 +371,9 @@ class Rollout:
         columns = {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
 
         t1 = time.perf_counter()
-        per_func = score_rewards(cfg.reward_funcs, prompts, completions, columns, cfg.cluster.reward_timeout_s)
+        per_func = score_rewards(
+            cfg.reward_funcs, prompts, completions, columns, cfg.cluster.reward_timeout_s, num_cpus=cfg.cluster.reward_num_cpus
+        )
         rewards = combine_rewards(per_func, cfg.reward_weights)
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         score_s = time.perf_counter() - t1

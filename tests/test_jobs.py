@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from grpo_ray.cli import build_parser, load_config, main
-from grpo_ray.jobs import JobError, build_job, job_dict, parse_env, resolve_address, user_error_in_logs
+from grpo_ray.jobs import JobError, build_job, connect, job_dict, parse_env, resolve_address, user_error_in_logs
 from grpo_ray.metrics import read_metrics
 
 
@@ -214,20 +215,20 @@ class HeadNode:
         self.client = self._wait_ready(timeout_s=180)
 
     def _wait_ready(self, timeout_s: float):
-        from ray.job_submission import JobSubmissionClient
-
         deadline = time.monotonic() + timeout_s
+        error = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited {self.proc.returncode}: {Path(self.log.name).read_text()[-3000:]}")
             try:
-                client = JobSubmissionClient(self.address)
+                client = connect(self.address)  # as the CLI does (Ray's auth token included)
                 client.list_jobs()
                 return client
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception as exc:  # noqa: BLE001 - not up yet
+                error = exc
                 time.sleep(1)
         self.stop()
-        raise RuntimeError(f"Ray's job server did not come up at {self.address} in {timeout_s}s")
+        raise RuntimeError(f"Ray's job server did not come up at {self.address} in {timeout_s}s: {error}")
 
     def stop(self) -> None:
         try:
@@ -238,7 +239,7 @@ class HeadNode:
             pass
         pgid = self.proc.pid  # start_new_session: the group is ours alone
         if self.proc.poll() is None:
-            os.killpg(pgid, signal.SIGINT)  # ray start --block: its atexit stops the node's processes
+            self.proc.send_signal(signal.SIGINT)  # ray start --block: its atexit stops the node's processes
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -250,13 +251,19 @@ class HeadNode:
             pass
         self.proc.wait(timeout=10)
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def ray_head():
+    auth_mode = os.environ.get("RAY_AUTH_MODE")  # connect() may set it, as ray.init does
     head = HeadNode(num_cpus=4)
     yield head
     head.stop()
+    if auth_mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = auth_mode
 
 
 def _status(head: HeadNode, job_id: str) -> str:
