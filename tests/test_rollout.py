@@ -84,6 +84,10 @@ def test_generate_and_score_groups(tmp_path, tiny_model_path, ray_local):
         assert again.completion_ids == batch.completion_ids  # per-step seeds: reproducible
         other = rollout.generate_and_score(rows, render_prompts(tokenizer, rows), step=2)
         assert other.completion_ids != batch.completion_ids
+        # A batch big enough that vLLM would chunk some prefills (seeded requests once crashed then).
+        many, _ = load_datasets(cfg.with_overrides({"data": {"size": 40}}).data)
+        big = rollout.generate_and_score(many, render_prompts(tokenizer, many), step=3)
+        assert len(big) == 40 * G
         m = batch.metrics()
         assert m["gen_tokens_per_s"] > 0 and 0 <= m["rewards/accuracy"] <= 1
         shard = batch.shard(1, 2)
