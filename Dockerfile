@@ -36,6 +36,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The base image's non-root `ray` user (uid 1000, group users/100), numeric so that Kubernetes'
 # runAsNonRoot can verify it.
 USER 1000:100
+# Created by that user first: a directory WORKDIR creates would belong to root.
+RUN mkdir -p /home/ray/grpo-ray
 WORKDIR /home/ray/grpo-ray
 
 # 1. Dependencies only (the big layer; rebuilt only when pyproject.toml changes): install the

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run quick test test-demo test-fast bench clean
+.PHONY: install run quick test test-demo test-studies test-fast bench clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV)
@@ -25,6 +25,9 @@ test: install
 
 test-demo: install
 	$(PY) -m pytest -q -s tests/test_demo.py --run-demo $(ARGS)
+
+test-studies: install
+	$(PY) -m pytest -q tests/test_tune.py --run-studies $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow" $(ARGS)

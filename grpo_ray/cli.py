@@ -76,6 +76,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from grpo_ray.tuning import run_cli
+
+    return run_cli(args, load_config)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from grpo_ray.jobs import run_submit
 
@@ -115,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="write the result and a few examples as JSON")
     ev.set_defaults(func=cmd_eval)
 
+    # Hyperparameter search (grpo_ray/tuning.py, tune/README.md): every trial is a whole GRPO run.
+    tn = sub.add_parser("tune", help="hyperparameter search over GRPO runs with Ray Tune (ASHA / PBT / FIFO)")
+    common(tn)
+    tn.add_argument("--space", help="search-space YAML, e.g. tune/beta_lr.yaml or tune/presets.yaml")
+    tn.add_argument("--num-samples", type=int, help="trials to sample (x each grid point); default: the space file's, else 1")
+    tn.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), help="asha (default): stop poor trials early; pbt: exploit/explore beta and LR")
+    tn.add_argument("--search", choices=("random", "optuna", "hyperopt"), help="how to sample the space (default random)")
+    tn.add_argument("--max-concurrent", type=int, help="trials running at once (default: 1 on a local Ray, 4 on a cluster)")
+    tn.add_argument("--address", help="Ray cluster address (default: start a local Ray sized for the concurrent trials)")
+    tn.add_argument("--output-dir", help="where studies go (default tune_outputs); the study is OUTPUT_DIR/NAME")
+    tn.add_argument("--name", help="study name (default: the space file's name)")
+    tn.add_argument("--resume", metavar="STUDY_DIR", help="continue an interrupted study from its Tune experiment dir")
+    tn.add_argument("--overwrite", action="store_true", help="replace an existing study of the same name")
+    tn.set_defaults(func=cmd_tune)
+
     # Cluster jobs (grpo_ray/jobs.py): run any command above as a Ray job on a running cluster.
     address_help = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
     submit = sub.add_parser("submit", help="run a grpo-ray command as a Ray job on a cluster: grpo-ray submit -- train ...")
@@ -125,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--env-from", action="append", metavar="NAME", help="pass NAME's value from this shell, e.g. WANDB_API_KEY (repeatable)")
     submit.add_argument("--submission-id", help="job ID (default: grpo-ray-COMMAND-DATE-TIME-XXXX)")
     submit.add_argument("--python", default="python", help="Python on the cluster that runs `-m grpo_ray.cli` (default: python)")
+    submit.add_argument("--entrypoint-resource", action="append", metavar="NAME=AMOUNT", help="resources for the driver process, e.g. GPU=1 rollout=0.001 for eval on a GPU node (default: none, on the head)")
     submit.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     submit.add_argument("job", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the grpo-ray command to run, e.g. -- train --config my.yaml")
     submit.set_defaults(func=cmd_submit)

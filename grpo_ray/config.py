@@ -214,6 +214,25 @@ class GRPOConfig:
             Path(path).write_text(text)
         return text
 
+    def with_absolute_paths(self, cwd: str | Path | None = None) -> "GRPOConfig":
+        """Relative paths that exist under `cwd` made absolute: Ray workers run in other directories."""
+        root = Path(cwd or Path.cwd())
+
+        def fix(value: Any) -> Any:
+            if isinstance(value, str) and value and not Path(value).is_absolute() and (root / value).exists():
+                return str((root / value).resolve())
+            return value
+
+        funcs = []
+        for spec in self.reward_funcs:
+            path, sep, fn = str(spec).rpartition(":")
+            funcs.append(f"{fix(path)}{sep}{fn}" if sep and path.endswith(".py") else spec)
+        return self.with_overrides({
+            "model_name_or_path": fix(self.model_name_or_path),
+            "reward_funcs": funcs,
+            "data": {"task": fix(self.data.task), "eval_split": fix(self.data.eval_split)},
+        })  # fmt: skip
+
     def with_overrides(self, overrides: dict[str, Any]) -> "GRPOConfig":
         return GRPOConfig.from_dict(merge(self.to_dict(), _canonical(overrides)))
 

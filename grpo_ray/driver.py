@@ -49,12 +49,13 @@ def required_cpus(cfg: GRPOConfig) -> int:
 
 
 def init_ray(cfg: GRPOConfig) -> None:
-    """Join `cluster.address`, or start an embedded Ray bound to loopback."""
+    """Join `cluster.address` (or $RAY_ADDRESS), or start an embedded Ray bound to loopback."""
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}}
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, runtime_env=env)
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env)
         return
     ray.init(
         num_cpus=cfg.cluster.num_cpus or required_cpus(cfg),
@@ -113,8 +114,10 @@ def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:
     )
 
 
-def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path) -> TorchTrainer:
-    """Ray Train resumes by itself from the newest checkpoint under the same name and storage path."""
+def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list | None = None) -> TorchTrainer:
+    """Ray Train resumes by itself from the newest checkpoint under the same name and storage path.
+
+    `callbacks`: extra Ray Train `RunConfig` callbacks (grpo_ray/tuning.py forwards reports to Tune)."""
     cl = cfg.cluster
     resources: dict[str, float] = {"CPU": cl.trainer_num_cpus}
     if cl.use_gpu:
@@ -131,6 +134,7 @@ def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path) -> TorchTrainer:
             storage_path=str(out / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit),
             failure_config=FailureConfig(max_failures=cl.max_failures),
+            callbacks=callbacks,
         ),
     )
 
@@ -141,8 +145,9 @@ def held_out_accuracy(cfg: GRPOConfig, model_path: str) -> float:
     return ray.get(task.remote(cfg, model_path, cfg.eval_limit)).accuracy
 
 
-def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, callbacks: list | None = None) -> RunResult:
     """Run one GRPO training job to completion and return where its outputs are."""
+    cfg = cfg.with_absolute_paths()
     check_output_dir(cfg, resume, overwrite)
     model_path = resolve_model_path(cfg.model_name_or_path)
     out = prepare_output_dir(cfg, resume, overwrite)
@@ -155,7 +160,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Run
     try:
         transport = resolve_transport(cfg.cluster.weight_sync, cfg.cluster.use_gpu)
         loop = LoopConfig(cfg=cfg.to_dict(), model_path=model_path, pool=pool, transport=transport, output_dir=str(out))
-        result = make_trainer(cfg, loop, out).fit()
+        result = make_trainer(cfg, loop, out, callbacks).fit()
     finally:
         pool.shutdown()
     if result.error is not None:

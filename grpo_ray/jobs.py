@@ -6,9 +6,10 @@ Ray's Job Submission SDK with a runtime environment:
 
 - `--working-dir DIR` is uploaded and becomes the job's working directory (default: none, the
   package is installed in the cluster image);
-- without `--working-dir`, a local `--config FILE` and the local files it names (a `.jsonl` /
-  `.parquet` data file, `path/file.py:fn` reward functions) are staged into a temporary folder that
-  is uploaded as the working directory, with the same relative paths;
+- without `--working-dir`, a local `--config FILE` (and `tune`'s `--space FILE`) and the local
+  files the config names (a `.jsonl` / `.parquet` data file, `path/file.py:fn` reward functions)
+  are staged into a temporary folder that is uploaded as the working directory, the data and reward
+  files at the same relative paths;
 - `--env KEY=VALUE` sets a variable; `--env-from NAME` copies NAME's value from this shell's
   environment (API keys: never written to a file here, never printed).
 
@@ -42,12 +43,19 @@ from grpo_ray.config import ConfigError
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Subcommands whose config is checked (and whose local files are staged) before submission.
-CONFIG_COMMANDS = ("train", "eval")
+CONFIG_COMMANDS = ("train", "eval", "tune")
+# Options naming a local file the command reads: uploaded with the job, the path rewritten
+# (eval's --data may also be a task name: only an existing file is uploaded).
+FILE_OPTIONS = ("--config", "--space", "--data")
+STAGED_FILES = "job_files"  # their folder in the uploaded working dir
 # Never uploaded from a --working-dir (gitignore syntax, relative to it).
 WORKING_DIR_EXCLUDES = ["/.venv/", "/.git/", "__pycache__/", "*.pyc", "/outputs/", "/grpo_outputs/", "/.pytest_cache/"]
 # The driver's ray.init(runtime_env=...) adds env vars of its own; with this set, a job env var of
 # the same name yields to the driver's instead of failing the merge.
 OVERRIDE_ENV = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+# With an uploaded working dir, Ray starts every worker of the job in it; Ray Train would move its
+# workers into the run's artifact dir, where the config's relative data / reward paths are not.
+WORKING_DIR_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
 USER_ERROR_PREFIX = "grpo-ray: error: "
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -69,6 +77,20 @@ class JobSpec:
     submission_id: str
     staging_dir: Path | None = None  # temporary upload folder, removed after submission
     notes: list[str] = field(default_factory=list)  # warnings for the user (stderr)
+    # Where the driver process runs: by default on the head with no resources (it holds no model;
+    # `eval` runs vLLM in the driver, so on a GPU cluster give it a GPU and a rollout node).
+    entrypoint_resources: dict[str, float] = field(default_factory=dict)
+
+    def entrypoint_kwargs(self) -> dict[str, Any]:
+        res = dict(self.entrypoint_resources)
+        out: dict[str, Any] = {}
+        if "CPU" in res:
+            out["entrypoint_num_cpus"] = res.pop("CPU")
+        if "GPU" in res:
+            out["entrypoint_num_gpus"] = res.pop("GPU")
+        if res:
+            out["entrypoint_resources"] = res
+        return out
 
     def cleanup(self) -> None:
         if self.staging_dir is not None:
@@ -144,6 +166,21 @@ def _stage(staging: Path, rel: str, source: Path) -> None:
     shutil.copy2(source, target)
 
 
+def parse_resources(pairs: list[str] | None) -> dict[str, float]:
+    """`--entrypoint-resource NAME=AMOUNT` pairs (CPU and GPU included) -> {name: amount}."""
+    out: dict[str, float] = {}
+    for pair in pairs or []:
+        name, sep, amount = pair.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value < 0:
+            raise JobError(f"--entrypoint-resource {pair!r}: use NAME=AMOUNT, e.g. GPU=1 or rollout=0.001")
+        out[name] = value
+    return out
+
+
 def default_submission_id(command: str) -> str:
     return f"grpo-ray-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -161,7 +198,7 @@ def build_job(
     """The entrypoint, runtime env and metadata of `grpo-ray <command>` run as a Ray job.
 
     `parser` is grpo-ray's own argument parser: the command is checked with it here, so a typo fails
-    before anything is uploaded. `load_config` (cli.load_config) checks train/eval configs too.
+    before anything is uploaded. `load_config` (cli.load_config) checks train/eval/tune configs too.
     Files to upload may be copied into a temporary staging folder: call `JobSpec.cleanup()`.
     """
     args = list(command)
@@ -179,18 +216,26 @@ def build_job(
     if hasattr(ns, "address") and not ns.address:
         args += ["--address", "auto"]
 
-    # Config check and the files to upload.
-    local_config = getattr(ns, "config", None)
-    if local_config and not os.path.isfile(local_config):
-        notes.append(f"--config {local_config} is not a local file: the job reads it on the cluster as is")
-        local_config = None
+    # The files the command reads (--config, tune's --space): local ones are uploaded.
+    local_files: dict[str, str] = {}
+    for option in FILE_OPTIONS:
+        value = getattr(ns, option.lstrip("-").replace("-", "_"), None)
+        if not value:
+            continue
+        if os.path.isfile(value):
+            local_files[option] = value
+        elif option != "--data":
+            notes.append(f"{option} {value} is not a local file: the job reads it on the cluster as is")
+
+    # The (base) config is checked here; the local data / reward files it names go with the job.
     cfg = None
-    if load_config is not None and name in CONFIG_COMMANDS and not (getattr(ns, "resume", None) and not ns.config):
-        if local_config or not getattr(ns, "config", None):
-            try:
-                cfg = load_config(ns)
-            except ConfigError as exc:
-                raise JobError(str(exc).strip().splitlines()[0]) from exc
+    config_arg = getattr(ns, "config", None)
+    resuming = bool(getattr(ns, "resume", None)) and not config_arg  # the run dir's own config, on the cluster
+    if load_config is not None and name in CONFIG_COMMANDS and not resuming and (not config_arg or "--config" in local_files):
+        try:
+            cfg = load_config(ns)
+        except ConfigError as exc:
+            raise JobError(str(exc).strip().splitlines()[0]) from exc
     refs = local_references(cfg) if cfg is not None else []
 
     runtime_env: dict[str, Any] = {}
@@ -199,22 +244,22 @@ def build_job(
         root = Path(working_dir).expanduser().resolve()
         if not root.is_dir():
             raise JobError(f"--working-dir {working_dir!r} is not a folder: point it at the folder to upload")
-        if local_config:
-            cfg_path = Path(local_config).resolve()
-            if not cfg_path.is_relative_to(root):
-                raise JobError(f"--config {local_config} is outside --working-dir {working_dir}: move it inside, or drop --working-dir to upload the config alone")
-            args = _replace_option(args, "--config", cfg_path.relative_to(root).as_posix(), parser)
+        for option, value in local_files.items():
+            path = Path(value).resolve()
+            if not path.is_relative_to(root):
+                raise JobError(f"{option} {value} is outside --working-dir {working_dir}: move it inside, or drop --working-dir to upload the file alone")
+            args = _replace_option(args, option, path.relative_to(root).as_posix(), parser)
         for fld, ref in refs:
             if not Path(ref).is_absolute() and not (root / ref).is_file():
                 notes.append(f"{fld} {ref!r} is not under --working-dir {working_dir} at that relative path: the job will not find it")
         runtime_env.update(working_dir=str(root), excludes=list(WORKING_DIR_EXCLUDES))
-    elif local_config or any(not Path(ref).is_absolute() for _, ref in refs):
+    elif local_files or any(not Path(ref).is_absolute() for _, ref in refs):
         staging = Path(tempfile.mkdtemp(prefix="grpo-ray-job-"))
         try:
-            if local_config:
-                rel = "job_config/" + Path(local_config).name
-                _stage(staging, rel, Path(local_config))
-                args = _replace_option(args, "--config", rel, parser)
+            for option, value in local_files.items():
+                rel = f"{STAGED_FILES}/{option.lstrip('-')}/{Path(value).name}"
+                _stage(staging, rel, Path(value))
+                args = _replace_option(args, option, rel, parser)
             for fld, ref in refs:
                 if Path(ref).is_absolute():
                     continue  # an absolute path: expected on the cluster's storage as is
@@ -228,15 +273,18 @@ def build_job(
         runtime_env["working_dir"] = str(staging)
 
     # Outputs land where the entrypoint runs: relative paths vanish with the job's working dir.
-    if cfg is not None and name == "train":
-        out = getattr(cfg, "output_dir", None)
-        if out and not Path(out).is_absolute():
-            notes.append(
-                f"output_dir {out!r} is relative: it is written under the job's working directory on the node that runs "
-                "the driver; pass --output-dir with an absolute path on shared storage (e.g. /shared/runs/NAME)"
-            )
+    out = None
+    if name == "train" and cfg is not None:
+        out = cfg.output_dir
+    elif name == "tune" and not getattr(ns, "resume", None):
+        out = getattr(ns, "output_dir", None) or "tune_outputs"
+    if out and not Path(out).is_absolute():
+        notes.append(
+            f"output dir {out!r} is relative: it is written under the job's working directory on the node that runs "
+            "the driver; pass --output-dir with an absolute path on shared storage (e.g. /shared/runs/NAME)"
+        )
 
-    runtime_env["env_vars"] = {**(env or {}), **OVERRIDE_ENV}
+    runtime_env["env_vars"] = {**(WORKING_DIR_ENV if "working_dir" in runtime_env else {}), **(env or {}), **OVERRIDE_ENV}
     sid = submission_id or default_submission_id(name)
     metadata = {"grpo_ray_command": name, "grpo_ray_args": shlex.join(args[1:])[:1000]}
     entrypoint = shlex.join([python, "-m", "grpo_ray.cli", *args])
@@ -303,6 +351,7 @@ def submit(client: Any, spec: JobSpec) -> str:
             runtime_env=spec.runtime_env,
             metadata=spec.metadata,
             submission_id=spec.submission_id,
+            **spec.entrypoint_kwargs(),
         )
     finally:
         spec.cleanup()  # the SDK has uploaded the folder by now
@@ -379,7 +428,8 @@ def _duration(info: Any) -> str:
 
 def job_dict(info: Any) -> dict[str, Any]:
     """A job's details as JSON-able dict, env var values redacted (they may be secrets)."""
-    raw = info.dict() if hasattr(info, "dict") else dict(vars(info))
+    dump = getattr(info, "model_dump", None) or getattr(info, "dict", None)  # pydantic 2 / 1
+    raw = dump() if dump else dict(vars(info))
     out = json.loads(json.dumps(raw, default=str))
     env_vars = ((out.get("runtime_env") or {}).get("env_vars")) or {}
     if env_vars:
@@ -427,6 +477,7 @@ def run_submit(args: argparse.Namespace, parser: argparse.ArgumentParser, load_c
             python=args.python,
             submission_id=args.submission_id,
         )
+        spec.entrypoint_resources = parse_resources(getattr(args, "entrypoint_resource", None))
         try:
             client = connect(args.address)
         except BaseException:

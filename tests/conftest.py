@@ -55,14 +55,23 @@ def quick_config(tmp_path: Path, **overrides):
     return cfg.with_overrides({"output_dir": str(tmp_path / "run"), **overrides})
 
 
+# Long end-to-end runs, opted into explicitly: marker -> (option, what it costs).
+OPT_IN = {
+    "demo": ("--run-demo", "the full SmolLM2 demo takes ~13 minutes: run `make test-demo`"),
+    "study": ("--run-studies", "whole Ray Tune studies take minutes each: run `make test-studies`"),
+}
+
+
 def pytest_addoption(parser):
-    parser.addoption("--run-demo", action="store_true", help="also run the ~13-minute SmolLM2 demo test (make test-demo)")
+    for option, why in OPT_IN.values():
+        parser.addoption(option, action="store_true", help=f"also run these: {why}")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-demo") or os.environ.get("GRPO_RAY_RUN_DEMO") == "1":
-        return
-    skip = pytest.mark.skip(reason="the full SmolLM2 demo takes ~13 minutes: run `make test-demo`")
-    for item in items:
-        if "demo" in item.keywords:
-            item.add_marker(skip)
+    for marker, (option, why) in OPT_IN.items():
+        if config.getoption(option) or os.environ.get("GRPO_RAY_RUN_ALL") == "1":
+            continue
+        skip = pytest.mark.skip(reason=why)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -229,31 +229,28 @@ def test_rayjobs_run_on_the_same_cluster_spec_as_the_raycluster():
 
 def test_rayjob_entrypoints_are_grpo_ray_commands_with_shipped_configs():
     parser = build_parser()
-    commands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 - argparse keeps them here
     mounted = None
     (_, cluster), = manifests("RayCluster")
     for volume in cluster["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]:
         if "configMap" in volume:
             mounted = volume["configMap"]["name"]
-    assert mounted == "grpo-ray-configs"
+    assert mounted == "grpo-ray-configs"  # kubectl create configmap grpo-ray-configs --from-file=deploy/configs/
     seen = {}
     for name, job in manifests("RayJob"):
         argv = shlex.split(job["spec"]["entrypoint"])
         assert argv[:3] == ["python", "-m", "grpo_ray.cli"], name
-        command = argv[3]
-        seen[command] = argv
-        config = argv[argv.index("--config") + 1]
-        assert config.startswith("/etc/grpo-ray/") and (DEPLOY / "configs" / Path(config).name).is_file(), config
+        seen[argv[3]] = argv
+        for option in ("--config", "--space"):
+            if option in argv:
+                path = argv[argv.index(option) + 1]
+                assert path.startswith("/etc/grpo-ray/") and (DEPLOY / "configs" / Path(path).name).is_file(), path
         assert argv[argv.index("--output-dir") + 1].startswith("/shared/"), name
         assert argv[argv.index("--address") + 1] == "auto", name
         runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
         assert runtime_env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
-        if command in commands:
-            local = [a if not a.startswith("/etc/grpo-ray/") else str(DEPLOY / "configs" / Path(a).name) for a in argv[3:]]
-            parser.parse_args(local)  # exits on an unknown flag
-    assert set(seen) == {"train", "tune"}
-    if "tune" not in commands:
-        pytest.skip("`grpo-ray tune` is not a command yet: rayjob-tune.yaml's entrypoint is unchecked")
+        local = [str(DEPLOY / "configs" / Path(a).name) if a.startswith("/etc/grpo-ray/") else a for a in argv[3:]]
+        parser.parse_args(local)  # exits on an unknown command or flag
+    assert set(seen) == {"train", "tune"} and "--space" in seen["tune"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,16 +260,33 @@ def test_rayjob_entrypoints_are_grpo_ray_commands_with_shipped_configs():
 
 def test_deploy_configs_are_valid_and_use_the_roles():
     train = GRPOConfig.from_yaml(DEPLOY / "configs" / "train.yaml")
-    raw_tune = yaml.safe_load((DEPLOY / "configs" / "tune.yaml").read_text())
-    study = raw_tune.pop("tune")
-    tune_base = GRPOConfig.from_dict(raw_tune)
-    for cfg in (train, tune_base):
-        assert cfg.cluster.use_gpu is True
-        assert (cfg.cluster.rollout_resource, cfg.cluster.trainer_resource) == ("rollout", "trainer")
-        assert cfg.output_dir.startswith("/shared/")
-    assert {"metric", "mode", "num_samples", "search_space"} <= set(study)
-    for key in study["search_space"]:
-        assert key in raw_tune, f"tune.search_space.{key} is not a training key of tune.yaml"
+    assert train.cluster.use_gpu is True
+    assert (train.cluster.rollout_resource, train.cluster.trainer_resource) == ("rollout", "trainer")
+    assert train.output_dir.startswith("/shared/")
+
+
+def test_deploy_study_fits_the_worker_groups():
+    """The tuning study loads as `grpo-ray tune` loads it, and its concurrent trials fit maxReplicas."""
+    from grpo_ray.tuning import load_study
+
+    study = load_study(DEPLOY / "configs" / "tune-space.yaml", GRPOConfig.from_yaml(DEPLOY / "configs" / "train.yaml"), {}, name="demo")
+    trial = study.base_config()
+    assert (trial.cluster.rollout_resource, trial.cluster.trainer_resource) == ("rollout", "trainer")
+    (_, cluster), = manifests("RayCluster")
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    gpus = {role: int(groups[role]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) for role in ROLES}
+    need = {"rollout": trial.cluster.num_rollout_actors * trial.cluster.tensor_parallel_size, "trainer": trial.cluster.num_trainer_workers}
+    for role in ROLES:
+        assert study.max_concurrent * need[role] <= groups[role]["maxReplicas"] * gpus[role], role
+    # and one training run of train.yaml fits too
+    assert train_fits(GRPOConfig.from_yaml(DEPLOY / "configs" / "train.yaml"), groups, gpus)
+
+
+def train_fits(cfg: GRPOConfig, groups: dict, gpus: dict) -> bool:
+    return (
+        cfg.cluster.num_rollout_actors * cfg.cluster.tensor_parallel_size <= groups["rollout"]["maxReplicas"] * gpus["rollout"]
+        and cfg.cluster.num_trainer_workers <= groups["trainer"]["maxReplicas"] * gpus["trainer"]
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from grpo_ray.cli import build_parser, load_config, main
-from grpo_ray.jobs import JobError, build_job, connect, job_dict, parse_env, resolve_address, user_error_in_logs
+from grpo_ray.jobs import JobError, build_job, connect, job_dict, parse_env, parse_resources, resolve_address, user_error_in_logs
 from grpo_ray.metrics import read_metrics
 
 
@@ -56,7 +57,7 @@ def test_explicit_address_and_python_are_kept():
 
 def test_relative_output_dir_gets_a_note():
     spec = job(["train", "--quick"])
-    assert len(spec.notes) == 1 and "output_dir 'outputs/quick' is relative" in spec.notes[0]
+    assert len(spec.notes) == 1 and "output dir 'outputs/quick' is relative" in spec.notes[0]
 
 
 def test_config_and_the_files_it_names_are_staged(tmp_path, monkeypatch):
@@ -76,13 +77,50 @@ def test_config_and_the_files_it_names_are_staged(tmp_path, monkeypatch):
         assert spec.runtime_env["working_dir"] == str(staged)
         assert sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()) == [
             "data/train.jsonl",
-            "job_config/my.yaml",
+            "job_files/config/my.yaml",
             "rewards/mine.py",
         ]
-        assert "--config job_config/my.yaml" in spec.entrypoint
+        assert "--config job_files/config/my.yaml" in spec.entrypoint
+        assert spec.runtime_env["env_vars"]["RAY_CHDIR_TO_TRIAL_DIR"] == "0"  # Ray Train workers stay in it
     finally:
         spec.cleanup()
     assert not staged.exists()
+
+
+def test_tune_uploads_its_space_file_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "study.yaml").write_text("model_name_or_path: tiny-arith\noutput_dir: /o\ndata: {task: arith}\n")
+    (tmp_path / "b" / "study.yaml").write_text("space:\n  beta: {choice: [0.0, 0.01]}\n")  # same file name
+    spec = job(["tune", "--config", "a/study.yaml", "--space", "b/study.yaml", "--output-dir", "/shared/studies"])
+    try:
+        files = {str(p.relative_to(spec.staging_dir)): p.read_text() for p in spec.staging_dir.rglob("*") if p.is_file()}
+        assert sorted(files) == ["job_files/config/study.yaml", "job_files/space/study.yaml"]
+        assert "beta" in files["job_files/space/study.yaml"]
+        assert spec.entrypoint == (
+            "python -m grpo_ray.cli tune --config job_files/config/study.yaml --space job_files/space/study.yaml "
+            "--output-dir /shared/studies --address auto"
+        )
+        assert spec.notes == []
+    finally:
+        spec.cleanup()
+    spec = job(["tune", "--quick", "--space", "/cluster/space.yaml"])  # remote space, default output dir
+    assert "--space /cluster/space.yaml" in spec.entrypoint and "working_dir" not in spec.runtime_env
+    assert any("'tune_outputs' is relative" in n for n in spec.notes) and any("not a local file" in n for n in spec.notes)
+
+
+def test_eval_uploads_a_local_data_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "held_out.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    spec = job(["eval", "--quick", "--model", "/shared/runs/r1/model", "--data", "held_out.jsonl"])
+    try:
+        assert (spec.staging_dir / "job_files" / "data" / "held_out.jsonl").is_file()
+        assert "--data job_files/data/held_out.jsonl" in spec.entrypoint and "--address" not in spec.entrypoint
+    finally:
+        spec.cleanup()
+    spec = job(["eval", "--quick", "--data", "reasoning_gym/chain_sum"])  # a task name: nothing to upload
+    assert spec.staging_dir is None and spec.notes == [] and "--data reasoning_gym/chain_sum" in spec.entrypoint
 
 
 def test_file_outside_the_current_folder_is_refused(tmp_path, monkeypatch):
@@ -129,6 +167,17 @@ def test_env_vars_and_secrets_by_name():
         parse_env([], ["MLFLOW_TRACKING_TOKEN"], environ={})
     with pytest.raises(JobError, match="KEY=VALUE"):
         parse_env(["novalue"], [], environ={})
+
+
+def test_entrypoint_resources():
+    spec = job(["eval", "--quick"])
+    assert spec.entrypoint_kwargs() == {}
+    spec.entrypoint_resources = parse_resources(["GPU=1", "rollout=0.001", "CPU=2"])
+    assert spec.entrypoint_kwargs() == {"entrypoint_num_cpus": 2.0, "entrypoint_num_gpus": 1.0, "entrypoint_resources": {"rollout": 0.001}}
+    with pytest.raises(JobError, match="NAME=AMOUNT"):
+        parse_resources(["GPU"])
+    with pytest.raises(JobError, match="NAME=AMOUNT"):
+        parse_resources(["GPU=-1"])
 
 
 def test_job_details_redact_env_values():
@@ -274,7 +323,6 @@ def _status(head: HeadNode, job_id: str) -> str:
 @pytest.mark.timeout(900)
 def test_submit_train_follows_to_succeeded(ray_head, tmp_path, capsys):
     out = tmp_path / "run"
-    start = time.monotonic()
     code = main(
         [
             "submit", "--address", ray_head.address, "--follow", "--env", "GRPO_RAY_JOB_TEST=1",
@@ -282,7 +330,6 @@ def test_submit_train_follows_to_succeeded(ray_head, tmp_path, capsys):
         ]
     )  # fmt: skip
     captured = capsys.readouterr()
-    print(f"submit --follow took {time.monotonic() - start:.1f}s")
     assert code == 0, captured.err[-3000:] + captured.out[-3000:]
     job_id = captured.out.splitlines()[0].strip()
     assert job_id.startswith("grpo-ray-train-")
@@ -304,19 +351,40 @@ def test_submit_train_follows_to_succeeded(ray_head, tmp_path, capsys):
     assert "done: 2 steps" in capsys.readouterr().out
 
 
+def write_local_run(root: Path) -> Path:
+    """A config (the quick one, 200 steps) naming a JSONL data file by a relative path, under root."""
+    from grpo_ray.cli import builtin_config
+
+    (root / "data").mkdir(parents=True)
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(6) for b in range(6)]
+    (root / "data" / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "cfg").mkdir()
+    raw = yaml.safe_load(builtin_config("quick").read_text())
+    raw.update(max_steps=200, save_steps=1000, data={"task": "data/sums.jsonl", "eval_size": 6})
+    config = root / "cfg" / "long.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_stop_a_running_job(ray_head, tmp_path, capsys):
+def test_stop_a_running_job(ray_head, tmp_path, capsys, monkeypatch):
+    """A job that reads a local config and the local data file it names (both uploaded with the
+    job), stopped while it trains: STOPPED, and its engines and trainer workers are gone."""
     from ray.util.state import list_actors
 
+    monkeypatch.chdir(tmp_path)
+    write_local_run(tmp_path)
     out = tmp_path / "long"
     code = main(
         [
             "submit", "--address", ray_head.address, "--submission-id", "grpo-ray-stop-test",
-            "--", "train", "--quick", "--output-dir", str(out), "--set", "max_steps=200", "--set", "save_steps=1000",
+            "--", "train", "--config", "cfg/long.yaml", "--output-dir", str(out),
         ]
     )  # fmt: skip
-    assert code == 0 and capsys.readouterr().out.strip() == "grpo-ray-stop-test"
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.strip() == "grpo-ray-stop-test", captured.err
+    assert "--config job_files/config/long.yaml" in captured.err  # the entrypoint reads the uploaded copy
     job_id = "grpo-ray-stop-test"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not (_status(ray_head, job_id) == "RUNNING" and read_metrics(out)):
