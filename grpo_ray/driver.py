@@ -19,7 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from grpo_ray.config import GRPOConfig
 from grpo_ray.evaluate import evaluate
-from grpo_ray.metrics import CURVE_FILE, METRICS_FILE, plot_reward_curve, read_metrics
+from grpo_ray.metrics import METRICS_FILE, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
 from grpo_ray.rollout import EngineSpec, RolloutPool
 from grpo_ray.sync import resolve_transport

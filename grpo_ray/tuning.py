@@ -31,7 +31,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 from numbers import Number as numbers_Number
 import re
 import shutil
@@ -48,7 +47,7 @@ from ray.tune import Trainable
 from grpo_ray.config import ALIASES, PRESETS, ConfigError, GRPOConfig, merge
 from grpo_ray.driver import RUN_FILE, RUN_NAME, init_ray, latest_checkpoint, train
 from grpo_ray.metrics import METRICS_FILE, read_metrics
-from grpo_ray.trainer import DS_DIR, MODEL_DIR, TRAINER_STATE
+from grpo_ray.trainer import DS_DIR, TRAINER_STATE
 
 SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCHERS = ("random", "optuna", "hyperopt")
@@ -297,29 +296,6 @@ def _one_of(where: str, name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{where}: {name}={value!r} is not supported: {hint}use one of {', '.join(allowed)}")
 
 
-def _absolute_paths(raw: dict[str, Any], cwd: Path) -> dict[str, Any]:
-    """Trials run in their own working dirs (maybe other nodes): make relative paths that exist here absolute."""
-
-    def fix(value: Any) -> Any:
-        if isinstance(value, str) and value and not os.path.isabs(value) and (cwd / value).exists():
-            return str((cwd / value).resolve())
-        return value
-
-    out = json.loads(json.dumps(raw))
-    out["model_name_or_path"] = fix(out.get("model_name_or_path"))
-    data = out.get("data") or {}
-    for key in ("task", "eval_split"):
-        if key in data:
-            data[key] = fix(data[key])
-    funcs = []
-    for spec in out.get("reward_funcs") or []:
-        path, sep, fn = str(spec).rpartition(":")
-        funcs.append(f"{fix(path)}{sep}{fn}" if sep and path.endswith(".py") else spec)
-    if funcs:
-        out["reward_funcs"] = funcs
-    return out
-
-
 def load_study(space_file: str | Path, base: GRPOConfig, overrides: dict[str, Any] | None = None, name: str | None = None) -> Study:
     """A study from a search-space YAML on top of a base config; `overrides` are CLI flags (None = keep)."""
     path = Path(space_file)
@@ -355,7 +331,7 @@ def load_study(space_file: str | Path, base: GRPOConfig, overrides: dict[str, An
     options = {k: raw[k] for k in ("metric", "mode", "num_samples", "scheduler", "search", "max_concurrent", "asha", "pbt") if raw.get(k) is not None}
     options.update({k: v for k, v in (overrides or {}).items() if v is not None})
     study = Study(
-        base=_absolute_paths(base.to_dict(), Path.cwd()),
+        base=base.with_absolute_paths().to_dict(),
         space={str(k): v for k, v in raw["space"].items()},
         fixed=dotted_to_nested(fixed),
         name=name or path.stem,

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from grpo_ray.cli import main
 from grpo_ray.driver import train
