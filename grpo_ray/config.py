@@ -25,6 +25,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 WEIGHT_SYNC = ("auto", "gloo", "nccl", "object_store")
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # report_to names (metrics.jsonl is always written)
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Optimizers grpo-ray builds natively, and what each TRL/transformers name falls back to on
 # a device where the original is unavailable (bitsandbytes 8-bit and fused kernels need CUDA).
@@ -148,6 +149,7 @@ class GRPOConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
+        self.report_to = normalize_report_to(self.report_to)
         _validate(self)
 
     # ------------------------------------------------------------------ derived sizes
@@ -409,6 +411,18 @@ def _one_of(name: str, value: Any, allowed: tuple) -> None:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def normalize_report_to(value: Any) -> list[str]:
+    """TRL accepts a name, a list, "none" or "all"; we keep a list of known tracker names."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    if names in (["none"], ["None"]):
+        return []
+    if names == ["all"]:
+        return list(TRACKERS)
+    for name in names:
+        _one_of("report_to", name, TRACKERS)
+    return names
 
 
 def _validate(c: GRPOConfig) -> None:

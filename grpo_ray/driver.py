@@ -19,7 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from grpo_ray.config import GRPOConfig
 from grpo_ray.evaluate import evaluate
-from grpo_ray.metrics import METRICS_FILE, plot_reward_curve, read_metrics
+from grpo_ray.metrics import METRICS_FILE, check_trackers, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
 from grpo_ray.rollout import EngineSpec, RolloutPool
 from grpo_ray.sync import resolve_transport
@@ -149,6 +149,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, callba
     """Run one GRPO training job to completion and return where its outputs are."""
     cfg = cfg.with_absolute_paths()
     check_output_dir(cfg, resume, overwrite)
+    check_trackers(cfg)
     model_path = resolve_model_path(cfg.model_name_or_path)
     out = prepare_output_dir(cfg, resume, overwrite)
     init_ray(cfg)

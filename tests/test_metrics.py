@@ -1,0 +1,78 @@
+"""Metrics logger and its trackers: real TensorBoard, real MLflow (sqlite store), real W&B (offline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from grpo_ray.config import ConfigError, GRPOConfig
+from grpo_ray.metrics import TRACKERS_FILE, MetricsLogger, check_trackers, read_metrics
+
+SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef01234567", "MLFLOW_TRACKING_TOKEN": "mlflow-secret-token-42"}
+
+
+@pytest.fixture
+def tracker_env(tmp_path, monkeypatch):
+    """W&B offline (nothing leaves the machine), secrets in the environment as a user would set them."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+
+
+def log_steps(out, cfg: GRPOConfig, steps: range, resume_step: int = 0) -> dict[str, str]:
+    logger = MetricsLogger(out, cfg, resume_step=resume_step)
+    for step in steps:
+        logger.log({"step": step, "reward_mean": step / 10, "rewards/accuracy": step / 20, "loss": 0.5, "note": "text"})
+    logger.close()
+    return json.loads((out / TRACKERS_FILE).read_text())
+
+
+def test_report_to_accepts_trl_spellings_and_names_a_typo():
+    assert GRPOConfig(report_to="none").report_to == []
+    assert GRPOConfig(report_to="wandb").report_to == ["wandb"]
+    assert GRPOConfig(report_to="all").report_to == ["tensorboard", "mlflow", "wandb"]
+    with pytest.raises(ConfigError, match=r"report_to='wandbb' is not supported: did you mean 'wandb'\?"):
+        GRPOConfig(report_to=["tensorboard", "wandbb"])
+
+
+def test_every_tracker_logs_each_step_once_and_resume_continues_the_same_runs(tmp_path, tracker_env):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    cfg = GRPOConfig.from_dict({"report_to": "all", "logging_steps": 1, "max_steps": 4, "learning_rate": 3e-6, "cluster": {"zero_stage": 3}})
+    check_trackers(cfg)
+    first = log_steps(out, cfg, range(1, 4))  # a run that crashed after step 3 (checkpoint at 2)
+    second = log_steps(out, cfg, range(3, 5), resume_step=2)
+    assert set(first) == {"mlflow", "wandb"} and first == second  # the same MLflow and W&B runs continue
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    history = client.get_metric_history(first["mlflow"], "rewards/accuracy")
+    assert sorted({m.step for m in history}) == [1, 2, 3, 4]
+    run = client.get_run(first["mlflow"])
+    assert run.data.params["learning_rate"] == "3e-06" and run.data.params["cluster.zero_stage"] == "3"
+    assert run.info.status == "FINISHED"
+    wandb_runs = list((out / "wandb").glob(f"offline-run-*-{first['wandb']}"))
+    assert len(wandb_runs) == 2  # one W&B run id, written by the first and the resumed process
+
+    # Secrets are read from the environment by the trackers themselves and written nowhere.
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for key, secret in SECRETS.items():
+                assert secret.encode() not in data, f"{key} leaked into {path}"
+
+
+def test_a_missing_tracker_package_is_a_one_line_error_before_any_work(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"report_to: 'wandb' needs the wandb package: pip install 'grpo-ray\[trackers\]'"):
+        check_trackers(GRPOConfig(report_to=["tensorboard", "wandb"]))
