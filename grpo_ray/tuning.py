@@ -789,7 +789,7 @@ def summarize(records: list[TrialRecord], metric: str, mode: str, max_steps: int
     """One row per trial: its config, best/final metric, steps run, stopped early or not."""
     rows = []
     sign = 1 if mode == "max" else -1
-    for rec in records:
+    for rec in sorted(records, key=lambda r: r.trial_id):  # Tune returns them in finishing order
         values = [h[metric] for h in rec.history if metric in h and h[metric] == h[metric]]
         steps = int(max((h.get("step", 0) for h in rec.history), default=0))
         stopped = rec.error is None and 0 < steps < max_steps
@@ -919,8 +919,10 @@ def _study_ray_cpus(study: Study, max_concurrent: int) -> int:
     return max(int(math.ceil(need * max_concurrent)) + 1, cfg.cluster.num_cpus or 0)
 
 
-def check_capacity(study: Study) -> None:
-    """A trial that can never fit would wait forever: say so now (autoscaling: against the max size)."""
+def check_capacity(study: Study, fixed_size: bool) -> None:
+    """A trial that can never fit would wait forever: say so now. The bound is the autoscaler's max
+    size when Ray publishes it, else today's resources -- an error on a fixed-size (embedded)
+    cluster, only a warning on a joined one, whose autoscaler may not publish its max."""
     import ray
     from ray._private.state import state as ray_state
 
@@ -930,13 +932,17 @@ def check_capacity(study: Study) -> None:
     except Exception:  # noqa: BLE001 - no autoscaler config to read
         limit = None
     where = "can grow to" if limit else "has"
+    binding = bool(limit) or fixed_size
     limit = limit or ray.cluster_resources()
     for key, amount in need.items():
         if amount > limit.get(key, 0) + 1e-9:
-            raise ConfigError(
+            message = (
                 f"one trial needs {key}={amount:g} ({_describe(study.base_config())}) but the cluster {where} {key}={limit.get(key, 0):g}: "
                 "shrink cluster.* in the base config or add nodes"
             )
+            if binding:
+                raise ConfigError(message)
+            log(f"warning: {message} (waiting in case an autoscaler adds them)")
 
 
 def _describe(cfg: GRPOConfig) -> str:
@@ -971,7 +977,7 @@ def run_study(study: Study, root: str | Path, address: str | None = None, resume
         over: dict[str, Any] = {"cluster": {"address": address}} if address else {"cluster": {"num_cpus": _study_ray_cpus(study, max_concurrent)}}
         init_ray(study.base_config().with_overrides(over))
     try:
-        check_capacity(study)
+        check_capacity(study, fixed_size=started and local)
         trainable = make_trainable(study)
         if resume:
             tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)

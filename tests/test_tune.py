@@ -36,6 +36,7 @@ from grpo_ray.tuning import (
     Study,
     TrialRecord,
     best_record,
+    check_capacity,
     load_study,
     make_scheduler,
     param_space,
@@ -173,6 +174,17 @@ def test_a_trial_requests_one_bundle_per_engine_and_trainer_plus_reward_headroom
     gpu = cfg.with_overrides({"cluster": {"use_gpu": True, "tensor_parallel_size": 2, "weight_sync": "auto", "trainer_resource": None}})
     assert trial_bundles(gpu)[0] == {"CPU": 2.0, "GPU": 2.0} and trial_bundles(gpu)[2] == {"CPU": 1.0, "GPU": 1.0}
     assert TRIAL_HEAD_BUNDLE == {"memory": 1}  # Tune's own bundle holds no CPU: it cannot fragment a node
+
+
+@pytest.mark.slow
+def test_a_trial_bigger_than_the_cluster_is_an_error_when_it_cannot_grow(ray_local, capsys):
+    study = load_study(space_file(Path(tempfile.mkdtemp()), "space: {beta: {choice: [0.0]}}\n"), quick(), {"max_concurrent": 1})
+    check_capacity(study, fixed_size=True)  # 2 CPUs asked of a 4-CPU Ray: fits
+    study.base = quick().with_overrides({"cluster": {"num_trainer_workers": 4}}).to_dict()
+    with pytest.raises(ConfigError, match=r"one trial needs CPU=5 .* but the cluster has CPU=4: shrink cluster"):
+        check_capacity(study, fixed_size=True)
+    check_capacity(study, fixed_size=False)  # a joined cluster's autoscaler may add nodes: warn and wait
+    assert "warning: one trial needs CPU=5" in capsys.readouterr().out
 
 
 def test_trainer_bundle_matches_what_the_driver_requests(tmp_path):
