@@ -4,8 +4,8 @@ weight-sync seconds vs model size. Prints a table and writes JSON.
     .venv/bin/python bench/rollout_bench.py [--out bench/results/rollout.json]
 
 Same model (a ~25M-parameter Qwen2 with the tiny-arith tokenizer, random weights), same
-prompts, same sampling (temperature 1, exactly `--new-tokens` tokens per completion so both
-sides generate the same amount). Run one heavy job at a time: this uses both cores.
+prompts, same sampling (temperature 1, up to `--new-tokens` tokens per completion; tokens/s
+counts what each side generated). Each generation figure is the median of 3 timed rounds. Run one heavy job at a time: this uses both cores.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 import torch
+
+REPEATS = 3  # each generation figure is the median of this many timed rounds
 
 SIZES = {  # name: (hidden, layers, intermediate)
     "1M": (128, 2, 256),
@@ -64,10 +67,12 @@ def hf_generate_tps(model_path: str, prompt_ids: list[list[int]], n: int, new_to
     kwargs = dict(do_sample=True, temperature=1.0, top_k=0, num_return_sequences=n, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     with torch.no_grad():
         model.generate(input_ids=ids[:2], attention_mask=mask[:2], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        seconds = time.perf_counter() - t0
-    return (out.shape[0] * new_tokens) / seconds
+        rates = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            rates.append(out.shape[0] * new_tokens / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
 def pool_generate_tps(model_path: str, prompt_ids: list[list[int]], n: int, new_tokens: int, cpus: int, logprobs: bool) -> float:
@@ -79,12 +84,14 @@ def pool_generate_tps(model_path: str, prompt_ids: list[list[int]], n: int, new_
     spec = SamplingSpec(n=n, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_tokens=new_tokens, logprobs=logprobs)
     try:
         ray.get(engine.generate.remote(prompt_ids[:2], spec, 0))  # warm-up
-        t0 = time.perf_counter()
-        groups = ray.get(engine.generate.remote(prompt_ids, spec, 1))
-        seconds = time.perf_counter() - t0
+        rates = []
+        for seed in range(1, REPEATS + 1):
+            t0 = time.perf_counter()
+            groups = ray.get(engine.generate.remote(prompt_ids, spec, seed))
+            rates.append(sum(len(c) for g in groups for c in g.completion_ids) / (time.perf_counter() - t0))
     finally:
         ray.kill(engine)
-    return sum(len(c) for g in groups for c in g.completion_ids) / seconds
+    return statistics.median(rates)
 
 
 def sync_seconds(model_path: str, transport: str, repeats: int = 3) -> tuple[float, int]:

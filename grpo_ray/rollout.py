@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 import torch
@@ -174,6 +174,9 @@ class RolloutEngine:
         return ray.get_runtime_context().get_node_id()
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, seed: int) -> list[Group]:
+        """Sample a group per prompt. vLLM's per-token incremental detokenisation (of the text and
+        of every logprob entry) is skipped: one batched decode at the end is cheaper on CPU, and
+        flat logprobs avoid a dict and an object per token."""
         from vllm import SamplingParams, TokensPrompt
 
         params = [
@@ -186,13 +189,17 @@ class RolloutEngine:
                 repetition_penalty=sampling.repetition_penalty,
                 max_tokens=sampling.max_tokens,
                 logprobs=0 if sampling.logprobs else None,
+                flat_logprobs=True,
+                detokenize=False,
                 seed=seed + i,
             )
             for i in range(len(prompt_ids))
         ]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [_to_group(out, sampling.logprobs) for out in outputs]
+        ids = [list(c.token_ids) for out in outputs for c in out.outputs]
+        texts = iter(self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True))
+        return [_to_group(out, sampling.logprobs, texts) for out in outputs]
 
     def completion_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         """Engine-side log p(completion | prompt) per token (temperature 1), for sync checks."""
@@ -228,17 +235,21 @@ class RolloutEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
 
-def _to_group(output: Any, with_logprobs: bool) -> Group:
+def _to_group(output: Any, with_logprobs: bool, texts: Iterator[str]) -> Group:
     comps = output.outputs
     logprobs = None
-    if with_logprobs:
-        logprobs = [[step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)] for c in comps]
+    if with_logprobs:  # FlatLogprobs with logprobs=0: one entry per position, the sampled token's
+        logprobs = [[c.logprobs.logprobs[i] for i in c.logprobs.start_indices] for c in comps]
     return Group(
         completion_ids=[list(c.token_ids) for c in comps],
         logprobs=logprobs,
         truncated=[c.finish_reason == "length" for c in comps],
-        texts=[c.text for c in comps],
+        texts=[next(texts) for _ in comps],
     )
+
+
+class EngineRestarted(RuntimeError):
+    """An engine answered from a new incarnation (Ray restarted it): its weights are stale."""
 
 
 class RolloutPool:

@@ -69,6 +69,10 @@ def test_generate_and_score_groups(tmp_path, tiny_model_path, ray_local):
         assert batch.rewards.shape == (5 * G,) and batch.rewards_per_func.shape == (5 * G, 2)
         assert all(len(c) <= 12 for c in batch.completion_ids)
         assert all(len(lp) == len(c) for lp, c in zip(batch.sampling_logprobs, batch.completion_ids))
+        assert all(x <= 0 and math.isfinite(x) for lp in batch.sampling_logprobs for x in lp)
+        # texts are decoded once at the end (not by vLLM per token): the same as decoding the ids
+        texts = [c if isinstance(c, str) else c[0]["content"] for c in batch.completions]
+        assert texts == [tokenizer.decode(c, skip_special_tokens=True) for c in batch.completion_ids]
         assert all(t == (len(c) == 12 and c[-1] != tokenizer.eos_token_id) for t, c in zip(batch.truncated, batch.completion_ids))
         for i in range(5):  # each group belongs to its prompt and was sampled (not G copies)
             group = slice(i * G, (i + 1) * G)
