@@ -4,6 +4,9 @@ engines and real DeepSpeed; nothing is mocked except what needs a GPU (said wher
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,21 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+def stop_ray_head(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --head --block` that was started with start_new_session=True: SIGINT
+    (its atexit stops the node's processes), then SIGKILL to what is left of *its* process group
+    (an autoscaler's nodes included). `ray stop --force` would kill every Ray on the machine."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    time.sleep(1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)

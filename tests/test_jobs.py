@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import yaml
 from grpo_ray.cli import build_parser, load_config, main
 from grpo_ray.jobs import JobError, build_job, connect, job_dict, parse_env, parse_resources, resolve_address, user_error_in_logs
 from grpo_ray.metrics import read_metrics
+from tests.conftest import stop_ray_head
 
 
 def job(argv: list[str], **kwargs):
@@ -286,19 +286,7 @@ class HeadNode:
                     self.client.stop_job(info.submission_id)
         except Exception:  # noqa: BLE001 - best effort before the signal
             pass
-        pgid = self.proc.pid  # start_new_session: the group is ours alone
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # ray start --block: its atexit stops the node's processes
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        time.sleep(1)
-        try:
-            os.killpg(pgid, signal.SIGKILL)  # leftovers of this group only
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
+        stop_ray_head(self.proc)
         self.log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from grpo_ray.cli import builtin_config, main
 from grpo_ray.config import PRESETS, ConfigError, GRPOConfig
@@ -33,7 +31,6 @@ from grpo_ray.tuning import (
     STUDY_FILE,
     TABLE_CSV,
     TRIAL_HEAD_BUNDLE,
-    Study,
     TrialRecord,
     best_record,
     check_capacity,
@@ -48,6 +45,7 @@ from grpo_ray.tuning import (
     trial_config,
     write_summary,
 )
+from tests.conftest import stop_ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,6 +310,17 @@ def test_sample_overrides_puts_preset_first_then_explicit_keys():
 # Real Ray Tune studies (tiny budgets: quick config, 1 engine + 1 trainer worker per trial)
 # --------------------------------------------------------------------------------------------------
 
+def run_quick_study(tmp_path: Path, name: str, space_text: str, max_concurrent: int, capsys) -> tuple[Path, str]:
+    """`grpo-ray tune --quick` with a 4-step budget: the study dir and what it printed."""
+    space = tmp_path / f"{name}.yaml"
+    space.write_text(space_text)
+    root = tmp_path / "studies"
+    code = main(["tune", "--quick", "--space", str(space), "--output-dir", str(root), "--set", "max_steps=4", "--max-concurrent", str(max_concurrent)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    return root / name, out
+
+
 ASHA_SPACE = """\
 # lr 0.5 and 1.0 wreck the tiny model in one Adam step: their step-2 reward falls below the others'.
 scheduler: asha
@@ -324,14 +333,8 @@ space:
 @pytest.mark.slow
 @pytest.mark.study
 def test_asha_study_stops_poor_trials_early_and_writes_a_best_config(tmp_path, tiny_model_path, capsys):
-    space = tmp_path / "asha.yaml"
-    space.write_text(ASHA_SPACE)
-    root = tmp_path / "studies"
     t0 = time.monotonic()
-    code = main(["tune", "--quick", "--space", str(space), "--output-dir", str(root), "--set", "max_steps=4", "--max-concurrent", "1"])
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
-    study_dir = root / "asha"
+    study_dir, out = run_quick_study(tmp_path, "asha", ASHA_SPACE, max_concurrent=1, capsys=capsys)
     rows = json.loads((study_dir / "summary.json").read_text())["trials"]
     by_lr = {r["learning_rate"]: r for r in rows}
     assert sorted(by_lr) == [5e-4, 1e-3, 0.5, 1.0]
@@ -375,14 +378,8 @@ space:
 @pytest.mark.slow
 @pytest.mark.study
 def test_pbt_clones_the_better_trials_checkpoint_with_a_perturbed_learning_rate(tmp_path, tiny_model_path, capsys):
-    space = tmp_path / "pbt.yaml"
-    space.write_text(PBT_SPACE)
-    root = tmp_path / "studies"
     t0 = time.monotonic()
-    code = main(["tune", "--quick", "--space", str(space), "--output-dir", str(root), "--set", "max_steps=4", "--max-concurrent", "2"])
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
-    study_dir = root / "pbt"
+    study_dir, out = run_quick_study(tmp_path, "pbt", PBT_SPACE, max_concurrent=2, capsys=capsys)
     rows = {r["trial"]: r for r in json.loads((study_dir / "summary.json").read_text())["trials"]}
     assert len(rows) == 2 and all(r["steps"] == 4 and r["status"] == "completed" for r in rows.values()), rows
     trials = sorted(study_dir.glob("trial_*"))
@@ -481,19 +478,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
     def shutdown(self) -> None:
         if self.proc is None:
             return
-        pgid = self.proc.pid  # start_new_session: the group is ours alone
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # ray start --block: its atexit stops the node's processes
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        time.sleep(1)
-        try:
-            os.killpg(pgid, signal.SIGKILL)  # leftovers of this group only (the autoscaler's nodes included)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
+        stop_ray_head(self.proc)
         self.log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
