@@ -27,7 +27,7 @@ test-demo: install
 	$(PY) -m pytest -q -s tests/test_demo.py --run-demo $(ARGS)
 
 test-studies: install
-	$(PY) -m pytest -q tests/test_tune.py --run-studies $(ARGS)
+	$(PY) -m pytest -q tests/test_tune.py -m study $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow" $(ARGS)

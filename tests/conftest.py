@@ -61,7 +61,6 @@ def quick_config(tmp_path: Path, **overrides):
 # Long end-to-end runs, opted into explicitly: marker -> (option, what it costs).
 OPT_IN = {
     "demo": ("--run-demo", "the full SmolLM2 demo takes ~13 minutes: run `make test-demo`"),
-    "study": ("--run-studies", "whole Ray Tune studies take minutes each: run `make test-studies`"),
 }
 
 
