@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 from numbers import Number as numbers_Number
+import os
 import re
 import shutil
 import threading
@@ -970,7 +971,7 @@ def run_study(study: Study, root: str | Path, address: str | None = None, resume
     study_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (study_dir / STUDY_FILE).write_text(yaml.safe_dump(study.to_dict(), sort_keys=False))
-    local = address is None and not study.base.get("cluster", {}).get("address")
+    local = address is None and not study.base.get("cluster", {}).get("address") and not os.environ.get("RAY_ADDRESS")
     max_concurrent = study.max_concurrent or (1 if local else 4)
     started = not ray.is_initialized()
     if started:
