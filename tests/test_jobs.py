@@ -339,6 +339,31 @@ def test_submit_train_follows_to_succeeded(ray_head, tmp_path, capsys):
     assert "done: 2 steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.study
+@pytest.mark.timeout(900)
+def test_submit_a_tuning_study_with_a_local_space_file(ray_head, tmp_path, capsys, monkeypatch):
+    """What deploy/kuberay/rayjob-tune.yaml runs: `grpo-ray tune` as a job on the cluster, its
+    space file uploaded with the job; the study's table and best config land in --output-dir."""
+    monkeypatch.chdir(tmp_path)
+    Path("space.yaml").write_text("scheduler: fifo\nnum_samples: 1\nspace: {learning_rate: {choice: [1.0e-3]}}\n")
+    studies = tmp_path / "studies"
+    code = main(
+        [
+            "submit", "--address", ray_head.address, "--follow",
+            "--", "tune", "--quick", "--space", "space.yaml", "--output-dir", str(studies), "--set", "max_steps=2",
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:] + captured.out[-3000:]
+    assert "--space job_files/space/space.yaml" in captured.err  # the entrypoint reads the uploaded copy
+    rows = json.loads((studies / "space" / "summary.json").read_text())["trials"]
+    assert [(r["learning_rate"], r["steps"], r["status"]) for r in rows] == [(1e-3, 2, "completed")]
+    from grpo_ray.config import GRPOConfig
+
+    assert GRPOConfig.from_yaml(studies / "space" / "best_config.yaml").learning_rate == 1e-3
+
+
 def write_local_run(root: Path) -> Path:
     """A config (the quick one, 200 steps) naming a JSONL data file by a relative path, under root."""
     from grpo_ray.cli import builtin_config
