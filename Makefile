@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run quick test test-demo test-studies test-fast bench clean
+.PHONY: install run quick test test-demo test-studies test-load test-fast bench clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV)
@@ -29,8 +29,15 @@ test-demo: install
 test-studies: install
 	$(PY) -m pytest -q tests/test_tune.py -m study $(ARGS)
 
+test-load: install
+	$(PY) -m pytest -q -s tests/test_faults.py -m load --run-load $(ARGS)
+
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
+
+# grpo-ray (sync and async) vs TRL's GRPOTrainer, same config; ~6 minutes on 2 cores (+4 once for the model).
+bench: install
+	$(PY) bench/vs_trl.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

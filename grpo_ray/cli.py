@@ -18,7 +18,7 @@ from pathlib import Path
 
 from grpo_ray.config import GRPOConfig, merge, parse_override
 
-USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ModelError", "RunDirError")
+USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ModelError", "RunDirError", "TrainingDivergedError")
 _USER_ERROR_LINE = re.compile(rf"({'|'.join(USER_ERRORS)}): (.+)")
 
 

@@ -78,6 +78,7 @@ class ClusterConfig:
     reward_num_cpus: float = 0.0  # CPUs reserved per reward task (0: never wait for a free CPU)
     reward_timeout_s: float = 60.0
     max_failures: int = 0
+    max_engine_restarts: int = 3  # a dead rollout engine is restarted (and re-synced) this often
     # Node roles: resources a node must offer to host rollout engines / trainer workers.
     rollout_resource: str | None = None
     trainer_resource: str | None = None
@@ -130,6 +131,8 @@ class GRPOConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    # grpo-ray: an update whose loss or gradient is NaN/inf is skipped; this many in a row stop the run
+    max_bad_steps: int = 3
     gradient_checkpointing: bool = True
     bf16: Union[bool, str, None] = None  # True / False / "auto" (None == "auto", as in TRL)
     fp16: Union[bool, str] = False
@@ -144,6 +147,10 @@ class GRPOConfig:
     # grpo-ray: greedy held-out accuracy of the start and final models -> OUTPUT_DIR/eval.json
     eval_at_start_and_end: bool = False
     eval_limit: int | None = None
+    # grpo-ray: generate step t+1's batch while step t's update runs (README "Asynchronous
+    # generation"); the batch trained at step t was then sampled by weights `staleness` updates old.
+    async_generation: bool = False
+    max_staleness: int | None = None  # None: 1 with async_generation, else 0
     # --- grpo-ray's own sections
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -161,6 +168,13 @@ class GRPOConfig:
     @property
     def prompts_per_step(self) -> int:
         return self.completions_per_step // self.num_generations
+
+    @property
+    def staleness(self) -> int:
+        """Updates between the weights that sampled a step's batch and the weights it trains (0: sync)."""
+        if self.max_staleness is not None:
+            return self.max_staleness
+        return 1 if self.async_generation else 0
 
     @property
     def total_warmup_steps(self) -> int:
@@ -455,7 +469,17 @@ def _validate(c: GRPOConfig) -> None:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations", "logging_steps", "save_steps", "max_completion_length"):
         _require(getattr(c, name) >= 1, f"{name}={getattr(c, name)}: must be >= 1")
     _require(c.max_prompt_length is None or c.max_prompt_length >= 1, f"max_prompt_length={c.max_prompt_length}: must be >= 1 or null")
+    _require(c.max_staleness is None or c.max_staleness >= 0, f"max_staleness={c.max_staleness}: must be >= 0 (or null)")
+    _require(
+        c.async_generation or not c.max_staleness,
+        f"max_staleness={c.max_staleness} requires async_generation: true (sync generation always trains on fresh samples)",
+    )
+    _require(
+        not (c.async_generation and c.max_staleness == 0),
+        "async_generation: true with max_staleness=0 is sync mode: set max_staleness >= 1 (e.g. 1) or async_generation: false",
+    )
     _require(c.max_grad_norm >= 0, f"max_grad_norm={c.max_grad_norm}: must be >= 0 (0 disables clipping)")
+    _require(c.max_bad_steps >= 1, f"max_bad_steps={c.max_bad_steps}: must be >= 1 (steps in a row with a NaN/inf loss or gradient before the run stops)")
     if c.reward_weights is not None:
         _require(
             len(c.reward_weights) == len(c.reward_funcs),
@@ -466,6 +490,7 @@ def _validate(c: GRPOConfig) -> None:
     for name in ("num_rollout_actors", "num_trainer_workers", "tensor_parallel_size", "rollout_num_cpus", "trainer_num_cpus"):
         _require(getattr(cl, name) >= 1, f"cluster.{name}={getattr(cl, name)}: must be >= 1")
     _require(cl.kv_cache_gib > 0, f"cluster.kv_cache_gib={cl.kv_cache_gib}: must be > 0, e.g. 1")
+    _require(cl.max_engine_restarts >= 0, f"cluster.max_engine_restarts={cl.max_engine_restarts}: must be >= 0 (0: a dead engine ends the run)")
     _require(cl.reward_timeout_s > 0, f"cluster.reward_timeout_s={cl.reward_timeout_s}: must be > 0 seconds")
     _require(
         not (cl.weight_sync == "nccl" and not cl.use_gpu),

@@ -18,15 +18,15 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from grpo_ray.config import GRPOConfig
+from grpo_ray.data import load_datasets
 from grpo_ray.evaluate import evaluate
 from grpo_ray.metrics import METRICS_FILE, check_trackers, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
-from grpo_ray.rollout import EngineSpec, RolloutPool
+from grpo_ray.rollout import EngineSpec, RolloutPool, check_reward_functions
 from grpo_ray.sync import resolve_transport
-from grpo_ray.trainer import MODEL_DIR, TRAINER_STATE, LoopConfig, train_loop_per_worker
+from grpo_ray.trainer import FATAL_FILE, MODEL_DIR, RUN_NAME, LoopConfig, latest_complete_checkpoint, run_worker
 
 RUN_FILE = "run_config.yaml"
-RUN_NAME = "train"
 
 
 class RunDirError(ValueError):
@@ -49,10 +49,18 @@ def required_cpus(cfg: GRPOConfig) -> int:
 
 
 def init_ray(cfg: GRPOConfig) -> None:
-    """Join `cluster.address` (or $RAY_ADDRESS), or start an embedded Ray bound to loopback."""
+    """Join `cluster.address` (or $RAY_ADDRESS), or start an embedded Ray with no dashboard.
+
+    Ray 2.60 cannot keep a local cluster on loopback (it resolves 127.0.0.1 to the machine's
+    address and its gRPC servers listen on every interface); what guards it is Ray's token
+    authentication, on by default for a new local cluster (RAY_AUTH_MODE=disabled opts out).
+    The token file is made readable by its owner only."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}}
+    # Ray Train V2 hands each `ray.train.report` over through a queue of one, drained when the
+    # controller polls (every 2 s by default): steps faster than that would be held to 2 s each.
+    poll_s = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll_s}}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env)
@@ -64,7 +72,13 @@ def init_ray(cfg: GRPOConfig) -> None:
         _node_ip_address="127.0.0.1",
         runtime_env=env,
         log_to_driver=True,
+        # Reward tasks run every step; Ray's default kills idle workers above the soft limit after
+        # 1 s, so each step paid ~0.5 CPU-s per task to start fresh workers, beside the update.
+        _system_config={"idle_worker_killing_time_threshold_ms": 300_000},
     )
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if token.is_file():
+        token.chmod(0o600)
 
 
 def check_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
@@ -83,20 +97,17 @@ def prepare_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / FATAL_FILE).unlink(missing_ok=True)  # a resume after a fix gets its retries back
     if not resume:
         cfg.to_yaml(out / RUN_FILE)
     return out
 
 
 def latest_checkpoint(out: Path) -> ray.train.Checkpoint | None:
-    """The newest complete checkpoint Ray Train wrote under this run dir."""
-    root = out / "ray" / RUN_NAME
-    found = sorted(
-        (int(json.loads((p / TRAINER_STATE).read_text())["step"]), p)
-        for p in root.glob("checkpoint_*")
-        if (p / TRAINER_STATE).is_file()
-    )
-    return ray.train.Checkpoint.from_directory(str(found[-1][1])) if found else None
+    """The newest complete checkpoint Ray Train wrote under this run dir (a dir that a crash left
+    half-copied is skipped: see `trainer.write_manifest`)."""
+    found = latest_complete_checkpoint(out)
+    return ray.train.Checkpoint.from_directory(str(found[1])) if found else None
 
 
 def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:
@@ -125,7 +136,7 @@ def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list |
     if cl.trainer_resource:
         resources[cl.trainer_resource] = 0.001
     return TorchTrainer(
-        train_loop_per_worker,
+        run_worker,
         train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=cl.num_trainer_workers, use_gpu=cl.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cl.use_gpu else "gloo"),
@@ -151,8 +162,10 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, callba
     check_output_dir(cfg, resume, overwrite)
     check_trackers(cfg)
     model_path = resolve_model_path(cfg.model_name_or_path)
-    out = prepare_output_dir(cfg, resume, overwrite)
+    load_datasets(cfg.data)  # a bad data file fails here, before OUTPUT_DIR holds anything
     init_ray(cfg)
+    check_reward_functions(cfg.reward_funcs, cfg.cluster.reward_timeout_s)
+    out = prepare_output_dir(cfg, resume, overwrite)
     scores: dict[str, float] = {}
     if cfg.eval_at_start_and_end and not resume:
         scores["start"] = held_out_accuracy(cfg, model_path)

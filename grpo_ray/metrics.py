@@ -167,6 +167,7 @@ class MetricsLogger:
         if step % self.every and step != self.max_steps:
             return
         row = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()}
+        row["time"] = round(time.time(), 3)  # wall clock: reward vs wall time, step-to-step overheads
         self.file.write(json.dumps(row) + "\n")
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         for tracker in self.trackers.values():

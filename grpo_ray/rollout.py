@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ray
 import torch
@@ -95,6 +96,7 @@ class RolloutBatch:
     generate_s: float = 0.0
     score_s: float = 0.0
     gen_tokens: int = 0
+    engine_restarts: int = 0  # rollout engines restarted so far in this trainer process
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -119,6 +121,7 @@ class RolloutBatch:
             generate_s=self.generate_s,
             score_s=self.score_s,
             gen_tokens=self.gen_tokens,
+            engine_restarts=self.engine_restarts,
         )
 
     def metrics(self) -> dict[str, float]:
@@ -131,6 +134,7 @@ class RolloutBatch:
             "generate_s": self.generate_s,
             "score_s": self.score_s,
             "gen_tokens_per_s": self.gen_tokens / self.generate_s if self.generate_s > 0 else 0.0,
+            "engine_restarts": self.engine_restarts,
         }
         for i, name in enumerate(self.reward_names):
             out[f"rewards/{name}"] = float(torch.nanmean(self.rewards_per_func[:, i]))
@@ -166,9 +170,13 @@ class RolloutEngine:
         )
         self.group: Any = None
         self.device = torch.device("cuda" if spec.use_gpu else "cpu")
+        self.incarnation = uuid.uuid4().hex  # a new one each time Ray restarts this actor
 
     def ready(self) -> bool:
         return True
+
+    def incarnation_id(self) -> str:
+        return self.incarnation
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -266,8 +274,12 @@ class RolloutPool:
         ray.get(self.placement.ready())
         self.spec = spec
         self.bundle = bundle
+        self.max_restarts = cl.max_engine_restarts
+        self.restarts = 0  # engine deaths recovered from, seen by this process
+        # Called (rank 0) after an engine came back with the base model: send it the current weights.
+        self.on_restart: Callable[[], None] | None = None
         self.engines = [self._start(i) for i in range(cl.num_rollout_actors)]
-        ray.get([e.ready.remote() for e in self.engines])
+        self.incarnations = ray.get([e.incarnation_id.remote() for e in self.engines])
 
     def _start(self, index: int) -> Any:
         actor = ray.remote(RolloutEngine).options(
@@ -275,18 +287,52 @@ class RolloutPool:
             num_gpus=self.bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=index),
             max_concurrency=1,
+            max_restarts=self.max_restarts,  # Ray restarts a dead engine in its own bundle, same handle
         )
         return actor.remote(self.spec)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, seed: int) -> list[Group]:
-        """Split prompts over the engines, submit everything at once, keep prompt order."""
+        """Split prompts over the engines, submit everything at once, keep prompt order.
+
+        A dead engine is restarted by Ray (`cluster.max_engine_restarts`) with the *base* model:
+        a call in flight fails, and a call that reaches the new instance succeeds on stale
+        weights, so each engine's incarnation is checked after its generate. Either way, once it
+        is back `on_restart` gives it the current weights and the same seeded requests run again,
+        so the step's batch is what it would have been."""
+        for attempt in range(self.max_restarts + 1):
+            try:
+                return self._generate(prompt_ids, sampling, seed)
+            except (ray.exceptions.RayActorError, EngineRestarted) as exc:
+                if attempt == self.max_restarts:
+                    raise RuntimeError(
+                        f"rollout engines died {attempt + 1} times in one step (cluster.max_engine_restarts="
+                        f"{self.max_restarts}); see the engine's log above ({type(exc).__name__})"
+                    ) from exc
+                self.recover(exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def recover(self, exc: Exception) -> None:
+        """Wait for Ray to bring the dead engine back, then have the trainer resend the weights."""
+        t0 = time.perf_counter()
+        sync.wait_until_up(self.engines)
+        if self.on_restart is not None:
+            self.on_restart()
+        self.incarnations = ray.get([e.incarnation_id.remote() for e in self.engines])
+        self.restarts += 1
+        print(f"[grpo-ray] a rollout engine died ({type(exc).__name__}); restarted and re-synced in {time.perf_counter() - t0:.1f}s")
+
+    def _generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, seed: int) -> list[Group]:
         shards = _split(list(range(len(prompt_ids))), len(self.engines))
         refs = [
             engine.generate.remote([prompt_ids[i] for i in idx], sampling, seed + idx[0] * 1000 if idx else seed)
             for engine, idx in zip(self.engines, shards)
             if idx
         ]
-        return [group for part in ray.get(refs) for group in part]
+        alive = [e.incarnation_id.remote() for e in self.engines]  # runs after generate (max_concurrency=1)
+        groups = [group for part in ray.get(refs) for group in part]
+        if ray.get(alive) != self.incarnations:
+            raise EngineRestarted("an engine came back from a restart with the base model")
+        return groups
 
     def completion_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         return ray.get(self.engines[0].completion_logprobs.remote(prompt_ids, completion_ids))
@@ -348,13 +394,39 @@ def score_rewards(
             f"reward function {specs[f]!r} did not finish within cluster.reward_timeout_s={timeout_s:g}s "
             f"(samples {chunks[k][0]}..{chunks[k][-1]}): make it faster or raise the timeout"
         )
+    values = {key: _reward_result(ref) for key, ref in tasks.items()}
+    columns_out = [[v for k in range(len(chunks)) for v in values[(f, k)]] for f in range(len(specs))]
+    return torch.tensor(columns_out, dtype=torch.float32).T.reshape(n, len(specs))
+
+
+def _reward_result(ref: ray.ObjectRef) -> Any:
+    """`ray.get` of a reward task, a failure in it turned back into its one-line `RewardError`."""
     try:
-        values = {key: ray.get(ref) for key, ref in tasks.items()}
+        return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         last = str(exc.as_instanceof_cause()).strip().splitlines()[-1]
         raise RewardError(last.split("RewardError: ", 1)[-1]) from None
-    columns_out = [[v for k in range(len(chunks)) for v in values[(f, k)]] for f in range(len(specs))]
-    return torch.tensor(columns_out, dtype=torch.float32).T.reshape(n, len(specs))
+
+
+@ray.remote(max_retries=0)
+def _import_task(specs: list[str]) -> bool:
+    resolve_reward_functions(specs)
+    return True
+
+
+def check_reward_functions(specs: list[str], timeout_s: float) -> None:
+    """Import every reward function once, before a run writes anything: a typo or a module that
+    does not import fails in seconds. The import runs user code, so it runs where scoring does
+    (a Ray worker process, with the scoring timeout), never in the driver."""
+    ref = _import_task.options(num_cpus=0, scheduling_strategy="DEFAULT").remote(list(specs))
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
+        raise RewardError(
+            f"importing reward_funcs {specs} did not finish within cluster.reward_timeout_s={timeout_s:g}s: "
+            "move slow work out of the module's top level or raise the timeout"
+        )
+    _reward_result(ref)
 
 
 # ------------------------------------------------------------------------- the rollout step
@@ -412,4 +484,5 @@ class Rollout:
             generate_s=generate_s,
             score_s=score_s,
             gen_tokens=sum(len(c) for c in completion_ids),
+            engine_restarts=self.pool.restarts,
         )

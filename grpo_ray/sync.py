@@ -17,6 +17,7 @@ Tied embeddings matter: the sender yields every *name* the checkpoint has (inclu
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -132,6 +133,20 @@ def plain_weights(named: list[tuple[str, torch.nn.Parameter]], dtype: torch.dtyp
         yield param.data.to(dtype)
 
 
+def wait_until_up(actors: list[Any], timeout_s: float = 600.0) -> None:
+    """Block until every actor answers `ready()`. A restarting actor refuses calls at once
+    (`ActorUnavailableError`) instead of queueing them, so poll; a dead one raises."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get([a.ready.remote() for a in actors])
+            return
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 class WeightSender:
     """Trainer side: every rank walks the weights (ZeRO-3 gathers are collective), rank 0 sends.
 
@@ -154,6 +169,12 @@ class WeightSender:
         self.full_weights = full_weights or (lambda named: plain_weights(named, dtype))
         self.device = device if (transport == "nccl" and device is not None) else torch.device("cpu")
         self.group: SyncGroup | None = None
+        # ZeRO-3 on several ranks gathers every tensor collectively: rank 0 cannot resend alone.
+        partitioned = any(hasattr(p, "ds_shape") for _, p in self.named)
+        self.collective = partitioned and dist.is_initialized() and dist.get_world_size() > 1
+        # push() (training thread) and resync() (asked for by a generation after an engine restart,
+        # possibly from a rollout thread) must not interleave broadcasts on one group.
+        self.lock = threading.RLock()
 
     def _connect(self) -> None:
         host = ray.util.get_node_ip_address()
@@ -168,13 +189,39 @@ class WeightSender:
         self.group = None
 
     def push(self) -> float:
-        """Send the current weights to every engine; returns seconds spent."""
+        """Send the current weights to every engine; returns seconds spent.
+
+        An engine that died (and that Ray restarted: see `RolloutPool`) breaks the broadcast group:
+        wait for every engine to be up, rebuild the group and send once more."""
         t0 = time.perf_counter()
+        with self.lock:
+            try:
+                self._push()
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, RuntimeError) as exc:
+                if self.rank != 0 or self.collective:
+                    raise
+                print(f"[grpo-ray] weight sync failed ({type(exc).__name__}); waiting for the engines and sending again")
+                self.resync()
+        return time.perf_counter() - t0
+
+    def resync(self) -> None:
+        """Rank 0, after an engine restart: wait until every engine is up, rebuild the group, push."""
+        if self.collective:
+            raise RuntimeError(
+                "a rollout engine restarted, and under ZeRO-3 with several trainer workers its weights "
+                "need every rank: set cluster.max_failures >= 1 to restart from the last checkpoint"
+            )
+        with self.lock:
+            wait_until_up(self.engines)
+            self.group = None
+            self._push()
+
+    def _push(self) -> None:
         tensors = self.full_weights(self.named)
         if self.rank != 0:
             for _ in tensors:  # take part in the ZeRO-3 gathers
                 pass
-            return time.perf_counter() - t0
+            return
         if self.transport == "object_store":
             state = [(name, t.detach().cpu().clone()) for (name, _), t in zip(self.named, tensors)]
             ref = ray.put(state)
@@ -185,4 +232,3 @@ class WeightSender:
             pending = [e.receive_weights.remote(self.metas) for e in self.engines]
             send_tensors(self.group, tensors, self.device)
             ray.get(pending)
-        return time.perf_counter() - t0

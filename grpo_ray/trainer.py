@@ -5,7 +5,7 @@
 
     batch   = rollout (rank 0: vLLM generate + reward scoring; others receive their shard)
     update  = per-token logprobs, reference logprobs, GRPO loss, backward, optimizer step
-    sync    = new weights -> every vLLM engine
+    sync    = new weights -> every vLLM engine (async: once the next step's rollout has returned)
     report  = metrics (and, every `save_steps`, a Ray Train `Checkpoint`)
 
 The maths lives in `grpo_ray.algorithm`; this module only moves tensors through it.
@@ -18,11 +18,15 @@ import logging
 import os
 import random
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import ray
@@ -33,11 +37,13 @@ import torch.distributed as dist
 from grpo_ray import sync
 from grpo_ray.algorithm import entropy_from_logits, grpo_loss, selective_log_softmax
 from grpo_ray.config import GRPOConfig
-from grpo_ray.data import PromptSampler, load_datasets, render_prompts
+from grpo_ray.data import DataError, PromptSampler, load_datasets, render_prompts
 from grpo_ray.metrics import MetricsLogger
+from grpo_ray.rewards import RewardError
 from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool
 
 TRAINER_STATE = "trainer_state.json"
+RUN_NAME = "train"  # Ray Train run name: checkpoints go to OUTPUT_DIR/ray/<RUN_NAME>/checkpoint_*
 DS_DIR = "deepspeed"
 MODEL_DIR = "model"
 
@@ -103,6 +109,21 @@ def completion_logps(model: Any, mb: MicroBatch, temperature: float, entropies: 
     return logps, entropy
 
 
+class StageTimer:
+    """Wall seconds summed per named stage: the per-step profile written to metrics.jsonl."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- the policy
 class Policy:
     """The trainable model under DeepSpeed, plus the frozen reference when beta > 0."""
@@ -136,6 +157,7 @@ class Policy:
                 ref = deepspeed.initialize(model=ref, config=deepspeed_config(cfg, self.precision, inference=True))[0]
             self.ref = ref.to(device) if cfg.cluster.zero_stage != 3 else ref
         self.sync_dtype = dtype
+        self.guard = StepGuard(optimizer, cfg.max_bad_steps, device)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -161,17 +183,21 @@ class Policy:
         world = dist.get_world_size() if dist.is_initialized() else 1
         groups = self.micro_batches(batch)
         mbs = [collate(batch, idx, self.pad_id, cfg.mask_truncated_completions, self.device) for idx in groups]
-        self.frozen_logps(mbs)
+        timer = StageTimer()
+        with timer("logprobs_s"):
+            self.frozen_logps(mbs)
         # dapo-style losses normalise by the whole step's token count; DeepSpeed averages over
         # ranks and divides by the accumulation steps, so hand each micro-batch its share.
         num_items = tokens_in_step / (world * cfg.gradient_accumulation_steps)
         stats: list[dict[str, float]] = []
         mismatch: list[float] = []
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
+        skipped_before = self.guard.skipped + self.engine.skipped_steps
         self.engine.train()
         for iteration in range(cfg.num_iterations):
             for mb in mbs:
-                logps, entropies = completion_logps(self.engine, mb, cfg.temperature, entropies=cfg.top_entropy_quantile < 1)
+                with timer("logprobs_s"):
+                    logps, entropies = completion_logps(self.engine, mb, cfg.temperature, entropies=cfg.top_entropy_quantile < 1)
                 if iteration == 0 and mb.sampling_logps is not None:  # the policy vLLM sampled from
                     sampled_from = logps.detach() if mb.old_logps is None else mb.old_logps
                     mismatch.append(_masked_abs_diff(sampled_from, mb.sampling_logps, mb.completion_mask))
@@ -186,14 +212,21 @@ class Policy:
                     vllm_importance_sampling_clip_min=cfg.vllm_importance_sampling_clip_min,
                     vllm_importance_sampling_clip_max=cfg.vllm_importance_sampling_clip_max,
                 )  # fmt: skip
-                self.engine.backward(loss)
-                self.engine.step()
+                with timer("backward_s"):
+                    self.engine.backward(loss)
+                with timer("optimizer_s"):
+                    self.engine.step()
                 stats.append({"loss": float(loss.detach()), **m})
         out = _mean_dicts(stats)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         out["learning_rate"] = lr
+        out.update(timer.seconds)
+        # ZeRO 1/2 skip a non-finite gradient norm themselves (engine.skipped_steps); the guard
+        # catches what reaches the torch optimizer (ZeRO 0, 3).
+        out["skipped_updates"] = float(self.guard.skipped + self.engine.skipped_steps - skipped_before)
+        self.guard.end_step(bad=out["skipped_updates"] > 0, lr=lr)
         if mismatch:
             out["logprob_mismatch"] = float(np.mean(mismatch))
         return out
@@ -207,6 +240,58 @@ class Policy:
             ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else nullcontext()
             with ctx:
                 yield param.data.to(self.sync_dtype)
+
+
+class TrainingDivergedError(RuntimeError):
+    """`max_bad_steps` steps in a row had a NaN/inf loss or gradient: the run cannot recover by itself."""
+
+
+class StepGuard:
+    """Skips an optimizer step whose gradients hold a NaN/inf on any rank, and counts them.
+
+    It wraps the *inner* torch optimizer's `step`, which DeepSpeed calls once per update after its
+    own reduction and gradient clipping, on every rank at the same time: so one check sees exactly
+    the gradients about to be applied (a NaN/inf loss yields NaN gradients), and one `all_reduce`
+    makes all ranks skip together. ZeRO 1/2 skip a non-finite norm before calling it (counted in
+    `engine.skipped_steps`). DeepSpeed zeroes the gradients after a skip."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_bad_steps: int, device: torch.device) -> None:
+        self.optimizer = optimizer
+        self.device = device
+        self.max_bad_steps = max_bad_steps
+        self.skipped = 0  # optimizer steps skipped in this process's lifetime
+        self.bad_in_a_row = 0  # training steps in a row with at least one skipped update
+        self._step = optimizer.step
+        optimizer.step = self.step  # type: ignore[method-assign]
+
+    def finite(self) -> bool:
+        ok = all(bool(torch.isfinite(p.grad).all()) for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item())
+        return ok
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.finite():
+            return self._step(*args, **kwargs)
+        self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return None
+
+    def end_step(self, bad: bool, lr: float) -> None:
+        """Count a training step; raise once `max_bad_steps` in a row were bad."""
+        self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+        if not bad:
+            return
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"[grpo-ray] NaN/inf loss or gradient: update skipped ({self.bad_in_a_row} of max_bad_steps={self.max_bad_steps} in a row)")
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise TrainingDivergedError(
+                f"the loss or gradient was NaN/inf for {self.bad_in_a_row} steps in a row (max_bad_steps={self.max_bad_steps}), "
+                f"so the run stopped: the model diverged; lower learning_rate (now {lr:g}) or max_grad_norm, "
+                "check the reward scale, then --resume from the last checkpoint"
+            )
 
 
 def _masked_abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -263,14 +348,150 @@ def save_checkpoint(policy: Policy, tokenizer: Any, step: int, state: dict, rank
         model_dir = os.path.join(root, MODEL_DIR)
         policy.module.save_pretrained(model_dir, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
-        Path(root, TRAINER_STATE).write_text(json.dumps({"step": step, **state}))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        Path(root, TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": world, **state}))
+    write_manifest(root, rank)
     return root
+
+
+def manifest_name(rank: int | str) -> str:
+    return f"complete_rank{rank}.json"
+
+
+def write_manifest(root: str, rank: int) -> None:
+    """List this rank's files with their sizes, last. Ray Train copies every rank's dir into one
+    `checkpoint_*` dir in no set order, so a copy cut short can hold trainer_state.json without
+    the weights; `checkpoint_is_complete` trusts only a dir whose every manifest checks out."""
+    files = {str(f.relative_to(root)): f.stat().st_size for f in Path(root).rglob("*") if f.is_file()}
+    Path(root, manifest_name(rank)).write_text(json.dumps(files))
+
+
+def refresh_manifests(path: str | Path) -> None:
+    """After this project edited files of a complete checkpoint in place (tuning's learning-rate
+    retarget), record their new sizes so the checkpoint still counts as complete."""
+    for manifest in Path(path).glob(manifest_name("*")):
+        files = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({name: Path(path, name).stat().st_size for name in files}))
+
+
+def checkpoint_is_complete(path: str | Path) -> bool:
+    """Every rank's manifest is there and every file it lists has its size (see `write_manifest`)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        if "world_size" not in state:  # written before manifests existed: trust it as before
+            return True
+        for rank in range(int(state["world_size"])):
+            files = json.loads((path / manifest_name(rank)).read_text())
+            if any(not (path / name).is_file() or (path / name).stat().st_size != size for name, size in files.items()):
+                return False
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> tuple[int, Path] | None:
+    """(step, dir) of the newest complete checkpoint under OUTPUT_DIR/ray/train, if any."""
+    root = Path(output_dir, "ray", RUN_NAME)
+    found = sorted(
+        (int(json.loads((p / TRAINER_STATE).read_text())["step"]), p) for p in root.glob("checkpoint_*") if checkpoint_is_complete(p)
+    )
+    return found[-1] if found else None
+
+
+def restore_point(given: ray.train.Checkpoint | None, output_dir: str) -> ray.train.Checkpoint | None:
+    """The checkpoint to start from: Ray Train's, or a newer complete one on disk. A worker killed
+    right after `ray.train.report` can die before the controller collected that report, so Ray
+    restarts from an older checkpoint (or none) although a newer one was fully written."""
+    on_disk = latest_complete_checkpoint(output_dir)
+    if on_disk is None:
+        return given
+    if given is not None:
+        with given.as_directory() as root:
+            if int(json.loads(Path(root, TRAINER_STATE).read_text())["step"]) >= on_disk[0]:
+                return given
+    return ray.train.Checkpoint.from_directory(str(on_disk[1]))
 
 
 def load_checkpoint(policy: Policy, checkpoint: ray.train.Checkpoint) -> dict:
     with checkpoint.as_directory() as root:
         policy.engine.load_checkpoint(os.path.join(root, DS_DIR), tag="state")
         return json.loads(Path(root, TRAINER_STATE).read_text())
+
+
+# ----------------------------------------------------------------------------- rollouts ahead
+@dataclass
+class InFlight:
+    """One submitted rollout: its step, the weights that sample it, and how to replay its rows."""
+
+    step: int
+    version: int  # updates the engines' weights had seen when it was submitted
+    sampler_state: dict  # the sampler before this rollout drew its rows (what a checkpoint saves)
+    future: Future
+
+
+class RolloutQueue:
+    """Rank 0's rollouts in flight, oldest first, `staleness` steps ahead of the update.
+
+    Staleness 0 (sync) submits step t's rollout and waits for it at once. Staleness 1 (async)
+    submits step t+1's rollout before step t's update, so vLLM generates on its own CPUs while
+    the trainer updates; the batch of step t+1 is then sampled by the weights after update t-1,
+    and the loss corrects for that with the sampling logprobs (vLLM importance sampling).
+
+    Ordering with the engines: an engine actor runs one call at a time, and a weight load in the
+    middle of a generation would sample one batch from two policies. So `drain` waits until every
+    rollout in flight has returned before the trainer pushes weights, and the next rollout is only
+    submitted after the push returned: generate(t+1) < push(w_t) < generate(t+2), always.
+    Generation runs on one background thread (the Ray calls block in C++, without the GIL)."""
+
+    def __init__(self, rollout: Rollout, sampler: PromptSampler, tokenizer: Any, staleness: int, max_steps: int, start: int = 0) -> None:
+        self.rollout, self.sampler, self.tokenizer = rollout, sampler, tokenizer
+        self.staleness, self.max_steps = staleness, max_steps
+        self.submitted = start  # the last step whose rollout was submitted
+        self.inflight: deque[InFlight] = deque()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-rollout")
+        self.weights_lock = threading.Lock()  # held while the update changes the weights
+
+    def guarded(self, resync: Callable[[], None]) -> Callable[[], None]:
+        """An engine restart inside an async rollout re-syncs from the rollout thread: make it wait
+        for the update in flight, so that it never sends half-updated weights."""
+
+        def locked() -> None:
+            with self.weights_lock:
+                resync()
+
+        return locked
+
+    def take(self, step: int) -> tuple[RolloutBatch, int]:
+        """Step `step`'s scored batch and its staleness (updates between its sampler and the trainer).
+
+        First tops the queue up to `step + staleness`; those rollouts sample with the engines'
+        current weights, i.e. after `step - 1` updates."""
+        while self.submitted < min(step + self.staleness, self.max_steps):
+            self.submitted += 1
+            self._submit(self.submitted, version=step - 1)
+        head = self.inflight.popleft()
+        assert head.step == step, f"rollout queue out of order: step {step} got step {head.step}'s batch"
+        return head.future.result(), (step - 1) - head.version
+
+    def _submit(self, step: int, version: int) -> None:
+        state = self.sampler.state_dict()
+        rows = self.sampler.next_batch()
+        future = self.executor.submit(self.rollout.generate_and_score, rows, render_prompts(self.tokenizer, rows), step)
+        self.inflight.append(InFlight(step, version, state, future))
+
+    def drain(self) -> float:
+        """Block until no rollout is running (before a weight push); returns seconds waited."""
+        t0 = time.perf_counter()
+        wait_futures([item.future for item in self.inflight])
+        return time.perf_counter() - t0
+
+    def sampler_state(self) -> dict:
+        """The sampler as a checkpoint must save it: rows drawn for rollouts not yet trained on are replayed."""
+        return self.inflight[0].sampler_state if self.inflight else self.sampler.state_dict()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -286,40 +507,45 @@ class Worker:
     tokenizer: Any
     rollout: Rollout | None = None  # rank 0 only
     sampler: PromptSampler | None = None  # rank 0 only
+    queue: RolloutQueue | None = None  # rank 0 only
     logger: MetricsLogger | None = None  # rank 0 only
     timings: dict = field(default_factory=dict)
 
 
-def next_batch(w: Worker, step: int) -> RolloutBatch:
-    """Rank 0 generates and scores; the other ranks receive the batch over the trainer group."""
-    batch = None
+def next_batch(w: Worker, step: int) -> tuple[RolloutBatch, int]:
+    """Rank 0 takes the step's scored rollout from its queue (async: and starts the next one);
+    the other ranks receive the batch over the trainer group. Returns (batch, staleness)."""
+    batch, staleness = None, 0
     if w.rank == 0:
-        rows = w.sampler.next_batch()
-        batch = w.rollout.generate_and_score(rows, render_prompts(w.tokenizer, rows), step)
+        batch, staleness = w.queue.take(step)
     if w.world > 1:
         box = [batch]
         dist.broadcast_object_list(box, src=0)
         batch = box[0]
-    return batch
+    return batch, staleness
 
 
 def grpo_step(w: Worker, step: int) -> dict[str, float]:
     """One GRPO step, top to bottom: rollout, update, weight sync."""
     t0 = time.perf_counter()
-    batch = next_batch(w, step)  # generate + score (TRL's first half)
+    batch, staleness = next_batch(w, step)  # generate + score (TRL's first half); async: already done
     t1 = time.perf_counter()
     masked = w.cfg.mask_truncated_completions
     tokens = max(1.0, float(sum(len(c) for c, cut in zip(batch.completion_ids, batch.truncated) if not (masked and cut))))
-    stats = w.policy.update(batch.shard(w.rank, w.world), tokens)  # loss, backward, optimizer step
+    with w.queue.weights_lock if w.queue is not None else nullcontext():
+        stats = w.policy.update(batch.shard(w.rank, w.world), tokens)  # loss, backward, optimizer step
     t2 = time.perf_counter()
+    overlap_wait_s = w.queue.drain() if w.queue is not None else 0.0  # async: the next rollout returns first
     sync_s = w.pusher.push()  # new weights -> vLLM engines
     t3 = time.perf_counter()
     return {
         "step": step,
         **batch.metrics(),
         **stats,
+        "staleness": staleness,
         "rollout_s": t1 - t0,
         "train_s": t2 - t1,
+        "overlap_wait_s": overlap_wait_s,
         "sync_s": sync_s,
         "step_time_s": t3 - t0,
     }
@@ -358,6 +584,34 @@ def quiet_report_logs() -> None:
         pass
 
 
+FATAL_FILE = "fatal_error.txt"
+# Errors that a restart from the last checkpoint would only repeat (same data, same seeds).
+FATAL_ERRORS = (RewardError, DataError, TrainingDivergedError)
+
+
+def run_worker(loop: dict) -> None:
+    """What `TorchTrainer` runs: `train_loop_per_worker`, with deterministic errors made final.
+
+    Ray Train retries every worker error up to `cluster.max_failures` times, each retry loading the
+    model and replaying steps to fail the same way. A fatal error is written to
+    OUTPUT_DIR/fatal_error.txt first; a retry that finds it re-raises at once (the driver deletes
+    it when a run starts or resumes)."""
+    lc: LoopConfig = loop["loop"]
+    fatal = Path(lc.output_dir, FATAL_FILE)
+    if fatal.is_file():
+        raise FatalRunError(f"not retried: {fatal.read_text()}")
+    try:
+        train_loop_per_worker(loop)
+    except FATAL_ERRORS as exc:
+        if ray.train.get_context().get_world_rank() == 0:
+            fatal.write_text(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise
+
+
+class FatalRunError(RuntimeError):
+    """A retry of a run that already failed with a fatal error (its message names the error)."""
+
+
 def train_loop_per_worker(loop: dict) -> None:
     """Ray Train entry point: build the worker, restore, loop over steps, report."""
     from transformers import AutoTokenizer
@@ -379,8 +633,9 @@ def train_loop_per_worker(loop: dict) -> None:
         train_rows, _ = load_datasets(cfg.data)
         w.sampler = PromptSampler(train_rows, cfg.prompts_per_step, seed=cfg.seed)
         w.rollout = Rollout(cfg, lc.pool, tokenizer)
+        lc.pool.on_restart = pusher.resync  # a restarted engine gets the current weights
     start = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = restore_point(ray.train.get_checkpoint(), lc.output_dir)
     if checkpoint is not None:
         state = load_checkpoint(policy, checkpoint)
         start = state["step"]
@@ -389,8 +644,12 @@ def train_loop_per_worker(loop: dict) -> None:
     record_placement(lc, world)
     if rank == 0:
         w.logger = MetricsLogger(lc.output_dir, cfg, resume_step=start)
-    if start > 0:
-        w.pusher.push()  # engines start from the base model: give them the restored policy
+    # Engines outlive trainer restarts: after a worker died they hold a later step's weights,
+    # whatever checkpoint (or none) this attempt starts from. Give them this attempt's policy.
+    w.pusher.push()
+    if rank == 0:
+        w.queue = RolloutQueue(w.rollout, w.sampler, tokenizer, cfg.staleness, cfg.max_steps, start)
+        lc.pool.on_restart = w.queue.guarded(pusher.resync)
     bar = progress_bar(cfg, start) if rank == 0 else None
     for step in range(start + 1, cfg.max_steps + 1):
         metrics = grpo_step(w, step)
@@ -402,11 +661,13 @@ def train_loop_per_worker(loop: dict) -> None:
         save = step % cfg.save_steps == 0 or step == cfg.max_steps
         reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if save:
-            state = {"sampler": w.sampler.state_dict() if w.sampler else None}
+            state = {"sampler": w.queue.sampler_state() if w.queue else None}
             root = save_checkpoint(policy, tokenizer, step, state, rank)
             ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(root))
         else:
             ray.train.report(reported)
+    if w.queue is not None:
+        w.queue.close()
     if w.logger is not None:
         w.logger.close()
     if bar is not None:

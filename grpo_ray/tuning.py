@@ -48,7 +48,7 @@ from ray.tune import Trainable
 from grpo_ray.config import ALIASES, PRESETS, ConfigError, GRPOConfig, merge
 from grpo_ray.driver import RUN_FILE, RUN_NAME, init_ray, latest_checkpoint, train
 from grpo_ray.metrics import METRICS_FILE, read_metrics
-from grpo_ray.trainer import DS_DIR, TRAINER_STATE
+from grpo_ray.trainer import DS_DIR, TRAINER_STATE, refresh_manifests
 
 SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCHERS = ("random", "optuna", "hyperopt")
@@ -659,6 +659,7 @@ def seed_run_from_checkpoint(cfg: GRPOConfig, ckpt_dir: Path, out: Path) -> int:
     rows = [r for r in rows if r.get("step", 0) <= step]
     (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     retarget_learning_rate(storage / name / DS_DIR, cfg.learning_rate)
+    refresh_manifests(storage / name)
     write_train_snapshot(storage, name, rows[-1] if rows else {"step": step})
     cfg.to_yaml(out / RUN_FILE)
     return step

@@ -72,6 +72,9 @@ NOT_IN_TRL = {
     "warmup_ratio",  # transformers 5 folded it into a fractional `warmup_steps`
     "eval_at_start_and_end",  # held-out accuracy before/after, written to eval.json
     "eval_limit",
+    "async_generation",  # overlap generation with the update (TRL 1.16 has no async GRPOConfig)
+    "max_staleness",
+    "max_bad_steps",  # NaN/inf updates skipped; this many in a row stop the run
     "data",
     "cluster",
 }
@@ -558,3 +561,26 @@ def test_total_warmup_steps():
     assert GRPOConfig.from_dict({"warmup_ratio": 0.1, "max_steps": 200}).total_warmup_steps == 20
     assert GRPOConfig.from_dict({"warmup_ratio": 0.1, "warmup_steps": 7}).total_warmup_steps == 7  # steps win
     assert GRPOConfig().total_warmup_steps == 0
+
+
+# ---------------------------------------------------------------------- async generation
+def test_staleness_follows_async_generation():
+    assert GRPOConfig().staleness == 0
+    assert GRPOConfig.from_dict({"async_generation": True}).staleness == 1
+    assert GRPOConfig.from_dict({"async_generation": True, "max_staleness": 2}).staleness == 2
+    assert GRPOConfig.from_dict({"async_generation": False, "max_staleness": 0}).staleness == 0
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"max_staleness": 1}, "max_staleness=1 requires async_generation: true"),
+        ({"async_generation": True, "max_staleness": 0}, "set max_staleness >= 1"),
+        ({"async_generation": True, "max_staleness": -1}, "max_staleness=-1: must be >= 0"),
+        ({"async_generation": "sometimes"}, "async_generation: expected true or false"),
+    ],
+)
+def test_async_generation_validation(raw, expected):
+    with pytest.raises(ConfigError) as exc:
+        GRPOConfig.from_dict(raw)
+    assert expected in _error(exc)
