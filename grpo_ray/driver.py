@@ -125,6 +125,26 @@ def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:
     )
 
 
+def dashboard_running() -> bool:
+    try:
+        return bool(ray._private.worker.get_dashboard_url())
+    except Exception:  # noqa: BLE001 - not connected, or a Ray without it
+        return False
+
+
+class GRPOTorchTrainer(TorchTrainer):
+    """`TorchTrainer` minus Ray Train's placement-group cleaner where Ray runs no dashboard (the
+    embedded Ray): the cleaner asks the State API, which the dashboard serves, whether the
+    controller lives, and without it warns on the driver's terminal every second of the run while
+    never cleaning anything. Ray removes a finished run's placement group either way."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        if dashboard_running():
+            return callbacks
+        return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+
 def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list | None = None) -> TorchTrainer:
     """Ray Train resumes by itself from the newest checkpoint under the same name and storage path.
 
@@ -135,7 +155,7 @@ def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list |
         resources["GPU"] = 1
     if cl.trainer_resource:
         resources[cl.trainer_resource] = 0.001
-    return TorchTrainer(
+    return GRPOTorchTrainer(
         run_worker,
         train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=cl.num_trainer_workers, use_gpu=cl.use_gpu, resources_per_worker=resources),

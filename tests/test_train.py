@@ -56,6 +56,17 @@ def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_p
     assert line["num_samples"] == 20 and 0.0 <= line["accuracy"] <= 1.0
 
 
+def test_embedded_ray_runs_without_the_placement_group_cleaner(tmp_path, ray_local):
+    """With no dashboard there is no State API: Ray Train's cleaner would warn every second."""
+    from grpo_ray.driver import make_trainer
+    from grpo_ray.trainer import LoopConfig
+
+    cfg = quick_config(tmp_path)
+    trainer = make_trainer(cfg, LoopConfig(cfg=cfg.to_dict(), model_path="", pool=None, transport="gloo", output_dir=str(tmp_path)), tmp_path)
+    names = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    assert "BackendSetupCallback" in names and "PlacementGroupCleanerCallback" not in names
+
+
 def test_existing_run_dir_is_refused_without_resume(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
