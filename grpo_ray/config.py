@@ -202,17 +202,7 @@ class GRPOConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "GRPOConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist: check the path")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_yaml(path, f"config file {str(path)!r} does not exist: check the path"))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "GRPOConfig":
@@ -415,11 +405,27 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover
 
 
-def _one_of(name: str, value: Any, allowed: tuple) -> None:
+def read_yaml(path: str | Path, missing: str) -> Any:
+    """A YAML file's content ({} when empty); a missing file raises `missing`, bad YAML its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(missing)
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def one_of(name: str, value: Any, allowed: tuple, where: str = "") -> None:
+    """`value` is one of `allowed`, or a one-line error naming the closest (`where`: a prefix, e.g. a file)."""
     if value not in allowed:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"{name}={value!r} is not supported: {hint}use one of {', '.join(map(str, allowed))}")
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}{name}={value!r} is not supported: {hint}use one of {', '.join(map(str, allowed))}")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -435,19 +441,19 @@ def normalize_report_to(value: Any) -> list[str]:
     if names == ["all"]:
         return list(TRACKERS)
     for name in names:
-        _one_of("report_to", name, TRACKERS)
+        one_of("report_to", name, TRACKERS)
     return names
 
 
 def _validate(c: GRPOConfig) -> None:
-    _one_of("loss_type", c.loss_type, LOSS_TYPES)
-    _one_of("scale_rewards", c.scale_rewards, SCALE_REWARDS)
-    _one_of("importance_sampling_level", c.importance_sampling_level, IS_LEVELS)
-    _one_of("vllm_importance_sampling_mode", c.vllm_importance_sampling_mode, IS_MODES)
-    _one_of("lr_scheduler_type", c.lr_scheduler_type, LR_SCHEDULERS)
-    _one_of("optim", c.optim, OPTIMIZERS)
-    _one_of("cluster.weight_sync", c.cluster.weight_sync, WEIGHT_SYNC)
-    _one_of("cluster.zero_stage", c.cluster.zero_stage, (0, 1, 2, 3))
+    one_of("loss_type", c.loss_type, LOSS_TYPES)
+    one_of("scale_rewards", c.scale_rewards, SCALE_REWARDS)
+    one_of("importance_sampling_level", c.importance_sampling_level, IS_LEVELS)
+    one_of("vllm_importance_sampling_mode", c.vllm_importance_sampling_mode, IS_MODES)
+    one_of("lr_scheduler_type", c.lr_scheduler_type, LR_SCHEDULERS)
+    one_of("optim", c.optim, OPTIMIZERS)
+    one_of("cluster.weight_sync", c.cluster.weight_sync, WEIGHT_SYNC)
+    one_of("cluster.zero_stage", c.cluster.zero_stage, (0, 1, 2, 3))
     for name in ("bf16", "fp16"):
         value = getattr(c, name)
         _require(value in (True, False, None, "auto"), f"{name}={value!r}: use true, false or \"auto\"")

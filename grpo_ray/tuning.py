@@ -45,7 +45,7 @@ import yaml
 from ray.train.v2.api.callback import UserCallback
 from ray.tune import Trainable
 
-from grpo_ray.config import ALIASES, PRESETS, ConfigError, GRPOConfig, merge
+from grpo_ray.config import ALIASES, PRESETS, ConfigError, GRPOConfig, merge, one_of, read_yaml
 from grpo_ray.driver import RUN_FILE, RUN_NAME, init_ray, latest_checkpoint, train
 from grpo_ray.metrics import METRICS_FILE, read_metrics
 from grpo_ray.trainer import DS_DIR, TRAINER_STATE, refresh_manifests
@@ -242,9 +242,9 @@ def trial_config(study: Study, sample: dict[str, Any], output_dir: str | Path, f
 def validate_study(study: Study) -> None:
     """Every problem as one ConfigError line naming the file and the key, before anything starts."""
     where = study.source or "space"
-    _one_of(where, "scheduler", study.scheduler, SCHEDULERS)
-    _one_of(where, "search", study.search, SEARCHERS)
-    _one_of(where, "mode", study.mode, ("max", "min"))
+    one_of("scheduler", study.scheduler, SCHEDULERS, where)
+    one_of("search", study.search, SEARCHERS, where)
+    one_of("mode", study.mode, ("max", "min"), where)
     if not isinstance(study.num_samples, int) or study.num_samples < 1:
         raise ConfigError(f"{where}: num_samples={study.num_samples!r}: must be an integer >= 1")
     if study.max_concurrent is not None and (not isinstance(study.max_concurrent, int) or study.max_concurrent < 1):
@@ -290,24 +290,10 @@ def validate_study(study: Study) -> None:
     _search_algorithm(study)  # a missing optional package is a one-line error now, not after Ray starts
 
 
-def _one_of(where: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"{where}: {name}={value!r} is not supported: {hint}use one of {', '.join(allowed)}")
-
-
 def load_study(space_file: str | Path, base: GRPOConfig, overrides: dict[str, Any] | None = None, name: str | None = None) -> Study:
     """A study from a search-space YAML on top of a base config; `overrides` are CLI flags (None = keep)."""
     path = Path(space_file)
-    if not path.is_file():
-        raise ConfigError(f"search space {str(path)!r} does not exist: check the path (ready-made: tune/beta_lr.yaml, tune/presets.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{at}: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}") from None
+    raw = read_yaml(path, f"search space {str(path)!r} does not exist: check the path (ready-made: tune/beta_lr.yaml, tune/presets.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with a `space:` section, got {type(raw).__name__}")
     if "space" not in raw:
