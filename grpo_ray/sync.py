@@ -183,11 +183,6 @@ class WeightSender:
         self.group = open_group(address, rank=0)
         ray.get(joins)
 
-    def replace_engines(self, engines: list[Any]) -> None:
-        """New engine handles (e.g. after a restart): the group is rebuilt on the next push."""
-        self.engines = list(engines)
-        self.group = None
-
     def push(self) -> float:
         """Send the current weights to every engine; returns seconds spent.
 

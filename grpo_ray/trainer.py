@@ -24,7 +24,7 @@ from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -509,7 +509,6 @@ class Worker:
     sampler: PromptSampler | None = None  # rank 0 only
     queue: RolloutQueue | None = None  # rank 0 only
     logger: MetricsLogger | None = None  # rank 0 only
-    timings: dict = field(default_factory=dict)
 
 
 def next_batch(w: Worker, step: int) -> tuple[RolloutBatch, int]:
@@ -633,7 +632,6 @@ def train_loop_per_worker(loop: dict) -> None:
         train_rows, _ = load_datasets(cfg.data)
         w.sampler = PromptSampler(train_rows, cfg.prompts_per_step, seed=cfg.seed)
         w.rollout = Rollout(cfg, lc.pool, tokenizer)
-        lc.pool.on_restart = pusher.resync  # a restarted engine gets the current weights
     start = 0
     checkpoint = restore_point(ray.train.get_checkpoint(), lc.output_dir)
     if checkpoint is not None:
@@ -649,7 +647,7 @@ def train_loop_per_worker(loop: dict) -> None:
     w.pusher.push()
     if rank == 0:
         w.queue = RolloutQueue(w.rollout, w.sampler, tokenizer, cfg.staleness, cfg.max_steps, start)
-        lc.pool.on_restart = w.queue.guarded(pusher.resync)
+        lc.pool.on_restart = w.queue.guarded(pusher.resync)  # a restarted engine gets the current weights
     bar = progress_bar(cfg, start) if rank == 0 else None
     for step in range(start + 1, cfg.max_steps + 1):
         metrics = grpo_step(w, step)
