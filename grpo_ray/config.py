@@ -134,6 +134,9 @@ class GRPOConfig:
     # grpo-ray: an update whose loss or gradient is NaN/inf is skipped; this many in a row stop the run
     max_bad_steps: int = 3
     gradient_checkpointing: bool = True
+    # grpo-ray: the update runs each prompt once for several of its completions (exact; README
+    # "Performance"); false pads one row per (prompt, completion) pair, as TRL does
+    shared_prompt_packing: bool = True
     bf16: Union[bool, str, None] = None  # True / False / "auto" (None == "auto", as in TRL)
     fp16: Union[bool, str] = False
     seed: int = 42

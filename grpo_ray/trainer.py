@@ -39,6 +39,7 @@ from grpo_ray.algorithm import entropy_from_logits, grpo_loss, selective_log_sof
 from grpo_ray.config import GRPOConfig
 from grpo_ray.data import DataError, PromptSampler, load_datasets, render_prompts
 from grpo_ray.metrics import MetricsLogger
+from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
 from grpo_ray.rewards import RewardError
 from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool
 
@@ -62,9 +63,8 @@ class LoopConfig:
 # ----------------------------------------------------------------------------- tensors
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # (B, P + C): left-padded prompt, right-padded completion
-    attention_mask: torch.Tensor
-    completion_ids: torch.Tensor  # (B, C)
+    rows: PackedRows  # the model's inputs: prompts shared by their completions (grpo_ray.packing)
+    completion_ids: torch.Tensor  # (B, C) right-padded
     completion_mask: torch.Tensor  # (B, C)
     advantages: torch.Tensor  # (B,)
     sampling_logps: torch.Tensor | None  # (B, C) vLLM's logps of the sampled tokens
@@ -72,27 +72,23 @@ class MicroBatch:
     ref_logps: torch.Tensor | None = None
 
 
-def collate(batch: RolloutBatch, idx: list[int], pad_id: int, mask_truncated: bool, device: torch.device) -> MicroBatch:
-    """Pad one micro-batch. Left-padding prompts shifts positions uniformly, which RoPE ignores."""
-    P = max(len(batch.prompt_ids[i]) for i in idx)
+def collate(batch: RolloutBatch, idx: list[int], pad_id: int, mask_truncated: bool, device: torch.device, pair_cost: float) -> MicroBatch:
+    """One micro-batch: packed model inputs, and (B, C) completion tensors in `idx` order."""
     C = max(max(len(batch.completion_ids[i]) for i in idx), 1)
-    ids = torch.full((len(idx), P + C), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
+    comp = torch.full((len(idx), C), pad_id, dtype=torch.long)
     comp_mask = torch.zeros((len(idx), C), dtype=torch.float32)
     slogp = torch.zeros((len(idx), C)) if batch.sampling_logprobs is not None else None
     for row, i in enumerate(idx):
-        p, c = batch.prompt_ids[i], batch.completion_ids[i]
-        ids[row, P - len(p): P] = torch.tensor(p)
-        ids[row, P: P + len(c)] = torch.tensor(c, dtype=torch.long)
-        attn[row, P - len(p): P + len(c)] = 1
+        c = batch.completion_ids[i]
+        comp[row, : len(c)] = torch.tensor(c, dtype=torch.long)
         keep = not (mask_truncated and batch.truncated[i])
         comp_mask[row, : len(c)] = float(keep)
         if slogp is not None:
             slogp[row, : len(c)] = torch.tensor(batch.sampling_logprobs[i])
+    rows = pack([batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx], pad_id, pair_cost)
     return MicroBatch(
-        input_ids=ids.to(device),
-        attention_mask=attn.to(device),
-        completion_ids=ids[:, P:].to(device),
+        rows=rows.to(device),
+        completion_ids=comp.to(device),
         completion_mask=comp_mask.to(device),
         advantages=batch.advantages[idx].to(device),
         sampling_logps=None if slogp is None else slogp.to(device),
@@ -100,10 +96,17 @@ def collate(batch: RolloutBatch, idx: list[int], pad_id: int, mask_truncated: bo
 
 
 def completion_logps(model: Any, mb: MicroBatch, temperature: float, entropies: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log p of the completion (and, if asked, the entropy), from logits kept only for
-    the completion positions of one micro-batch; the log-softmax runs one row at a time."""
-    C = mb.completion_ids.shape[1]
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, logits_to_keep=C + 1).logits[:, :-1]
+    """Per-token log p of each completion (and, if asked, the entropy) from one packed forward
+    pass; logits are computed only from the first completion position on, then gathered per pair."""
+    rows = mb.rows
+    config = getattr(model, "module", model).config
+    out = model(
+        input_ids=rows.input_ids,
+        position_ids=rows.position_ids,
+        attention_mask=model_attention_mask(rows.attention_mask, config),
+        logits_to_keep=rows.keep,
+    )
+    logits = out.logits.flatten(0, 1)[rows.logit_index]  # (B, C, V)
     logps = selective_log_softmax(logits, mb.completion_ids, temperature).float()
     entropy = entropy_from_logits(logits.detach().float() / temperature) if entropies else None
     return logps, entropy
@@ -157,6 +160,8 @@ class Policy:
                 ref = deepspeed.initialize(model=ref, config=deepspeed_config(cfg, self.precision, inference=True))[0]
             self.ref = ref.to(device) if cfg.cluster.zero_stage != 3 else ref
         self.sync_dtype = dtype
+        # shared-prompt packing's cost model; inf = one padded row per completion
+        self.pair_cost = attention_cost_per_pair(model.config) if cfg.shared_prompt_packing else float("inf")
         self.guard = StepGuard(optimizer, cfg.max_bad_steps, device)
 
     @property
@@ -182,7 +187,7 @@ class Policy:
         cfg = self.cfg
         world = dist.get_world_size() if dist.is_initialized() else 1
         groups = self.micro_batches(batch)
-        mbs = [collate(batch, idx, self.pad_id, cfg.mask_truncated_completions, self.device) for idx in groups]
+        mbs = [collate(batch, idx, self.pad_id, cfg.mask_truncated_completions, self.device, self.pair_cost) for idx in groups]
         timer = StageTimer()
         with timer("logprobs_s"):
             self.frozen_logps(mbs)
