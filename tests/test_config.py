@@ -75,6 +75,7 @@ NOT_IN_TRL = {
     "async_generation",  # overlap generation with the update (TRL 1.16 has no async GRPOConfig)
     "max_staleness",
     "max_bad_steps",  # NaN/inf updates skipped; this many in a row stop the run
+    "shared_prompt_packing",  # the update runs each prompt once for several completions (exact)
     "data",
     "cluster",
 }
@@ -153,6 +154,8 @@ def test_seed_optim_adamw_8bit_falls_back_on_cpu_only(tmp_path):
     # An optimizer that runs anywhere gets no notice.
     plain = cfg.with_overrides({"optim": "adamw_torch"})
     assert plain.resolved_optim(on_gpu=False) == ("adamw_torch", None)
+    fused = cfg.with_overrides({"optim": "adamw_torch_fused"})  # torch's fused AdamW has a CPU kernel
+    assert fused.resolved_optim(on_gpu=False) == ("adamw_torch_fused", None)
 
 
 def test_seed_precision_auto_follows_the_device(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 
-from grpo_ray.rollout import EngineSpec, RolloutPool
+from grpo_ray.rollout import EngineSpec, RolloutPool, SamplingSpec
 from grpo_ray.sync import WeightSender
 from tests.conftest import quick_config
 
@@ -31,7 +31,8 @@ def max_diff(a, b):
 
 
 def sample_tokens(tokenizer):
-    prompts = ["<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nWhat is 5 - 2?<|im_end|>\n<|im_start|>assistant\n"]
+    # long enough to fill KV blocks (32 tokens on CPU): only whole blocks are prefix-cached
+    prompts = [f"<|im_start|>user\n{'What is 3 + 4? ' * 8}<|im_end|>\n<|im_start|>assistant\n", f"<|im_start|>user\n{'What is 5 - 2? ' * 8}<|im_end|>\n<|im_start|>assistant\n"]
     completions = ["The answer is \\boxed{7}.", "The answer is \\boxed{3}."]
     p = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in prompts]
     c = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in completions]
@@ -67,7 +68,20 @@ class TrainerSide:
 
     def logprobs(self):
         p, c = sample_tokens(self.tokenizer)
-        return p, c, [x.tolist() for x in hf_logprobs(self.model, p, c)]
+        return p, c, self.score(p, c)
+
+    def score(self, prompt_ids, completion_ids):
+        return [x.tolist() for x in hf_logprobs(self.model, prompt_ids, completion_ids)]
+
+
+def sample_and_score(pool, side, prompt_ids, n=2):
+    """Sample a group per prompt (temperature 1, so vLLM's logprobs are the model's); return
+    vLLM's logprobs of the sampled tokens and the trainer model's."""
+    spec = SamplingSpec(n=n, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_tokens=6)
+    groups = pool.generate(prompt_ids, spec, seed=0)
+    rows = [(p, c, lp) for p, g in zip(prompt_ids, groups) for c, lp in zip(g.completion_ids, g.logprobs) if c]
+    prompts, comps, sampled = map(list, zip(*rows))
+    return sampled, ray.get(side.score.remote(prompts, comps))
 
 
 def check_sync(cfg, model_path, trainer_resources):
@@ -85,6 +99,10 @@ def check_sync(cfg, model_path, trainer_resources):
             synced = pool.completion_logprobs(p, c)
             assert max_diff(synced, hf) < 1e-3, f"{transport} sync (perturbed: {only or 'all'}) left vLLM out of step"
             assert seconds < 30
+            # Generation shares a prompt's KV across its group (prefix caching): the prompts were
+            # cached before this sync, so a stale cache would show here.
+            sampled, hf_sampled = sample_and_score(pool, side, p)
+            assert max_diff(sampled, hf_sampled) < 1e-3, f"generation after a {transport} sync used stale prompt KV"
         return ray.get(side.node_id.remote()), ray.get(pool.engines[0].node_id.remote())
     finally:
         pool.shutdown()
