@@ -116,3 +116,14 @@ def test_sync_across_nodes(tmp_path, tiny_model_path, two_node_cluster):
     cfg = quick_config(tmp_path, cluster={"rollout_resource": "rollout", "trainer_resource": "trainer"})
     trainer_node, engine_node = check_sync(cfg, tiny_model_path, {"trainer": 1})
     assert trainer_node != engine_node
+
+
+def test_buckets_hold_consecutive_tensors_of_one_dtype_up_to_the_limit(monkeypatch):
+    from grpo_ray import sync
+    from grpo_ray.sync import TensorMeta, buckets
+
+    monkeypatch.setattr(sync, "BUCKET_BYTES", 1000)
+    metas = [TensorMeta("a", (100,), "float32"), TensorMeta("b", (150,), "float32"), TensorMeta("c", (10, 100), "float32"),
+             TensorMeta("d", (4,), "float32"), TensorMeta("e", (4,), "bfloat16"), TensorMeta("f", (4,), "bfloat16")]  # fmt: skip
+    # a+b = 1000 bytes fit; c (4000 bytes) goes alone; d follows; a dtype change starts a bucket
+    assert buckets(metas) == [[0, 1], [2], [3], [4, 5]]
