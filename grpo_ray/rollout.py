@@ -238,9 +238,11 @@ class RolloutEngine:
         self._reload(weights)
         return len(weights)
 
-    def load_weights(self, state: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]]) -> int:
-        """Object-store transport: the whole state arrives as one Ray object."""
-        weights = list(state.items()) if isinstance(state, dict) else list(state)
+    def load_weights(self, metas: list[sync.TensorMeta], refs: list[ray.ObjectRef]) -> int:
+        """Object-store transport: the buckets arrive as object refs, read in place."""
+        arrays = ray.get(refs)
+        flats = (sync.from_shared(a, metas[b[0]].torch_dtype) for b, a in zip(sync.buckets(metas), arrays))
+        weights = list(sync.split_buckets(flats, metas))
         self._reload(weights)
         return len(weights)
 

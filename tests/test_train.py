@@ -116,6 +116,18 @@ def test_zero_stages_give_the_same_losses(tmp_path, tiny_model_path):
         assert got == pytest.approx(base, abs=1e-4), (stage, base, got)
 
 
+def test_single_worker_zero0_skips_the_allreduce_and_matches_zero2(tmp_path, tiny_model_path):
+    """One trainer worker under ZeRO 0 skips DeepSpeed's gradient averaging over its one rank;
+    ZeRO 2 (which keeps its reduction) must reach the same losses."""
+    runs = {}
+    for stage in (0, 2):
+        cfg = quick_config(tmp_path / f"z{stage}", max_steps=3, save_steps=3, cluster={"zero_stage": stage})
+        train(cfg)
+        runs[stage] = {r["step"]: r["loss"] for r in read_metrics(cfg.output_dir)}
+    assert sum(abs(v) > 1e-6 for v in runs[0].values()) >= 2, f"too few steps with a gradient to compare: {runs[0]}"
+    assert runs[2] == pytest.approx(runs[0], abs=1e-4)
+
+
 def test_two_node_run_places_engines_and_trainers_apart(tmp_path, tiny_model_path, two_node_cluster):
     import ray
 
