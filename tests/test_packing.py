@@ -100,3 +100,24 @@ def test_packing_runs_fewer_tokens_for_the_demo_shape(tiny):
     packed = pack(prompts, comps, PAD, attention_cost_per_pair(tiny.config))
     unpacked = pack(prompts, comps, PAD, math.inf)
     assert packed.tokens < unpacked.tokens / 2
+
+
+def test_packing_under_gradient_checkpointing_matches_each_pair_alone(tiny_model_path):
+    """Gradient checkpointing re-runs each layer's forward in backward: the mask and positions must survive that."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    model.train()  # checkpointing is active in training mode only; the tiny model has no dropout
+    prompts, comps = _pairs(model.config.vocab_size)
+    mb = _micro_batch(prompts, comps, 0.0)
+    ref = _reference(model, prompts, comps, 1.0)
+    (ref * mb.completion_mask).sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logps, _ = completion_logps(model, mb, 1.0)
+    (logps * mb.completion_mask).sum().backward()
+    torch.testing.assert_close(logps * mb.completion_mask, ref.detach(), atol=2e-5, rtol=1e-5)
+    for got, want in zip((p.grad for p in model.parameters()), ref_grads):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

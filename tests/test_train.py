@@ -56,6 +56,21 @@ def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_p
     assert line["num_samples"] == 20 and 0.0 <= line["accuracy"] <= 1.0
 
 
+def test_bf16_on_cpu_trains_with_bf16_engines(tmp_path, tiny_model_path):
+    """bf16: true (TRL's default) on CPU: DeepSpeed trains bf16 weights with fp32 master copies, the
+    vLLM engines run bf16, and sync keeps them in step (bf16 rounding only); the checkpoint is bf16."""
+    import math
+
+    cfg = quick_config(tmp_path, bf16=True, max_steps=3, save_steps=3)
+    train(cfg)
+    rows = read_metrics(cfg.output_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in rows)
+    assert all(1e-6 < r["logprob_mismatch"] < 0.05 for r in rows)  # bf16 rounding, not fp32-exact, not stale
+    ckpt = sorted(p for p in (Path(cfg.output_dir) / "ray" / "train").glob("checkpoint_*") if p.is_dir())[-1]
+    assert json.loads((ckpt / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_embedded_ray_runs_without_the_placement_group_cleaner(tmp_path, ray_local):
     """With no dashboard there is no State API: Ray Train's cleaner would warn every second."""
     from grpo_ray.driver import make_trainer
