@@ -171,8 +171,12 @@ def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list |
 
 
 def held_out_accuracy(cfg: GRPOConfig, model_path: str) -> float:
-    """Greedy eval-split accuracy, run as a Ray task so vLLM gets its own process and CPUs."""
-    task = ray.remote(num_cpus=cfg.cluster.rollout_num_cpus, max_retries=0)(evaluate)
+    """Greedy eval-split accuracy, run as a Ray task so vLLM gets its own process and CPUs.
+
+    `max_calls=1`: the worker exits after it, or the idle process would keep its vLLM engine
+    (4 GiB for SmolLM2) and spend a quarter of a core beside the training that follows (seen in
+    the demo: the embedded Ray keeps idle workers for minutes, for the reward tasks)."""
+    task = ray.remote(num_cpus=cfg.cluster.rollout_num_cpus, max_retries=0, max_calls=1)(evaluate)
     return ray.get(task.remote(cfg, model_path, cfg.eval_limit)).accuracy
 
 

@@ -58,9 +58,13 @@ def attention_cost_per_pair(config: Any) -> float:
     return 4 * heads * head_dim / (2 * params)
 
 
-def plan_rows(prompt_lens: Sequence[int], groups: Sequence[Sequence[int]], completion_lens: Sequence[int], pair_cost: float) -> list[list[int]]:
+def plan_rows(
+    prompt_lens: Sequence[int], groups: Sequence[Sequence[int]], completion_lens: Sequence[int], pair_cost: float, per_row: int | None = None
+) -> list[list[int]]:
     """Split each prompt's completions into rows of at most k, with k (1, 2, 4, ... or all) chosen
-    to minimise the modelled cost of the padded rows: R * L * (1 + pair_cost * L)."""
+    to minimise the modelled cost of the padded rows: R * L * (1 + pair_cost * L); `per_row` fixes k."""
+    if per_row is not None:
+        return [g[i : i + per_row] for g in groups for i in range(0, len(g), per_row)]
     largest = max(len(g) for g in groups)
     best: tuple[float, list[list[int]]] | None = None
     k = 1
@@ -75,18 +79,21 @@ def plan_rows(prompt_lens: Sequence[int], groups: Sequence[Sequence[int]], compl
         k = min(2 * k, largest)
 
 
-def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int, pair_cost: float) -> PackedRows:
+def pack(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int, pair_cost: float, per_row: int | None = None
+) -> PackedRows:
     """Pack rows i = (prompt_ids[i], completion_ids[i]); rows with identical prompts share one.
 
     `pair_cost` = `attention_cost_per_pair(model.config)`; 0 packs each prompt's completions into a
-    single row, `float("inf")` keeps one completion per row (plain padding, no sharing)."""
+    single row, `float("inf")` keeps one completion per row (plain padding, no sharing);
+    `per_row` overrides the plan with a fixed number of completions per row (benchmarks)."""
     n = len(prompt_ids)
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(prompt_ids):
         by_prompt.setdefault(tuple(p), []).append(i)
     prompt_lens = [len(p) for p in prompt_ids]
     comp_lens = [len(c) for c in completion_ids]
-    rows = plan_rows(prompt_lens, list(by_prompt.values()), comp_lens, pair_cost)
+    rows = plan_rows(prompt_lens, list(by_prompt.values()), comp_lens, pair_cost, per_row)
     R = len(rows)
     L = max(prompt_lens[r[0]] + sum(comp_lens[i] for i in r) for r in rows)
     C = max(max(comp_lens), 1)

@@ -25,6 +25,7 @@ def test_layout_of_one_packed_row():
     # logits kept from the prompt's last position; token 0 of both completions is predicted there
     assert rows.keep.tolist() == [2, 3, 4, 5, 6, 7]
     assert rows.logit_index.tolist() == [[0, 1, 2], [0, 4, 0]]  # (pad slot of the shorter row points anywhere)
+    assert pack([[5, 6, 7], [5, 6, 7]], [[8, 9, 10], [11, 12]], PAD, pair_cost=0.0, per_row=1).input_ids.shape == (2, 6)
 
 
 def test_infinite_pair_cost_keeps_one_completion_per_row_and_padding_rows_attend_somewhere():

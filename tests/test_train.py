@@ -71,6 +71,28 @@ def test_bf16_on_cpu_trains_with_bf16_engines(tmp_path, tiny_model_path):
     assert json.loads((ckpt / "model" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_held_out_eval_leaves_no_engine_process_behind(tmp_path, tiny_model_path):
+    """The embedded Ray keeps idle workers for minutes (for the reward tasks); the evaluation's
+    worker must still exit, or its vLLM engine lingers beside training (seen: 4 GiB, 1/4 core)."""
+    import time
+
+    import psutil
+    import ray
+
+    from grpo_ray.driver import held_out_accuracy, init_ray
+
+    cfg = quick_config(tmp_path, eval_limit=8)
+    ray.shutdown()
+    init_ray(cfg)
+    try:
+        assert 0.0 <= held_out_accuracy(cfg, tiny_model_path) <= 1.0
+        time.sleep(3)
+        big = {p.pid: p.memory_info().rss >> 20 for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("ray::")}
+        assert all(mib < 1000 for mib in big.values()), f"a Ray worker still holds an engine (pid: MiB): {big}"
+    finally:
+        ray.shutdown()
+
+
 def test_embedded_ray_runs_without_the_placement_group_cleaner(tmp_path, ray_local):
     """With no dashboard there is no State API: Ray Train's cleaner would warn every second."""
     from grpo_ray.driver import make_trainer
