@@ -69,7 +69,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     planned_cost = attention_cost_per_pair(model.config)
     results = []
-    print(f"{'shape':22s} {'rows':>10s} {'tokens':>7s} {'forward s':>10s} {'backward s':>11s} {'vs k=1':>7s}")
+    print(f"{'shape':30s} {'rows':>10s} {'tokens':>7s} {'forward s':>10s} {'backward s':>11s} {'vs k=1':>7s}")
     for name, (P, C) in SHAPES.items():
         rows = []
         for label, k in (("k=1", 1), ("k=2", 2), ("k=4", 4), ("k=8", 8), ("planned", None)):
@@ -80,7 +80,7 @@ def main() -> None:
         base = rows[0]["forward_s"] + rows[0]["backward_s"]
         for r in rows:
             r["speedup"] = base / (r["forward_s"] + r["backward_s"])
-            print(f"{name + f' ({P}/{C})':22s} {r['rows']:>10s} {r['tokens']:7d} {r['forward_s']:10.3f} {r['backward_s']:11.3f} {r['speedup']:6.2f}x")
+            print(f"{name + f' ({P}/{C})':30s} {r['rows']:>10s} {r['tokens']:7d} {r['forward_s']:10.3f} {r['backward_s']:11.3f} {r['speedup']:6.2f}x")
         results += rows
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
