@@ -60,7 +60,7 @@ def quick_config(tmp_path: Path, **overrides):
 
 # Long end-to-end runs, opted into explicitly: marker -> (option, what it costs).
 OPT_IN = {
-    "demo": ("--run-demo", "the full SmolLM2 demo takes ~13 minutes: run `make test-demo`"),
+    "demo": ("--run-demo", "the full SmolLM2 demo takes ~10 minutes: run `make test-demo`"),
     "load": ("--run-load", "the 300-step load test takes ~11 minutes: run `make test-load`"),
 }
 

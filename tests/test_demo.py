@@ -1,6 +1,6 @@
 """The product's promise, end to end: the default `grpo-ray train` (SmolLM2-135M-Instruct on
 reasoning-gym chain_sum, fixed seed) raises greedy held-out accuracy by >= 15 points within its
-default step budget and ~15 minutes on a 2-core CPU machine. Takes ~13 minutes: `make test-demo`."""
+default step budget and ~15 minutes on a 2-core CPU machine. Takes ~10 minutes: `make test-demo`."""
 
 from __future__ import annotations
 
