@@ -29,13 +29,17 @@ class PackedRows:
     input_ids: torch.Tensor  # (R, L) packed rows, right-padded
     position_ids: torch.Tensor  # (R, L) each completion restarts right after its prompt
     attention_mask: torch.Tensor  # (R, 1, L, L) bool, True = may attend
-    keep: torch.Tensor  # (K,) sequence positions whose logits are computed (shared by all rows)
+    logits_to_keep: int  # logits are computed for the last K positions of every row (from the first completion on)
     logit_index: torch.Tensor  # (B, C) flat index into (R, K) of the logits predicting completion token j
-    tokens: int  # R * L, the tokens the model runs (padding included)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the model runs, padding included."""
+        return self.input_ids.numel()
 
     def to(self, device: torch.device) -> "PackedRows":
         move = lambda t: t.to(device)  # noqa: E731
-        return PackedRows(move(self.input_ids), move(self.position_ids), move(self.attention_mask), move(self.keep), move(self.logit_index), self.tokens)
+        return PackedRows(move(self.input_ids), move(self.position_ids), move(self.attention_mask), self.logits_to_keep, move(self.logit_index))
 
 
 def model_attention_mask(mask: torch.Tensor, config: Any) -> torch.Tensor:
@@ -63,13 +67,17 @@ def plan_rows(
 ) -> list[list[int]]:
     """Split each prompt's completions into rows of at most k, with k (1, 2, 4, ... or all) chosen
     to minimise the modelled cost of the padded rows: R * L * (1 + pair_cost * L); `per_row` fixes k."""
+
+    def split(k: int) -> list[list[int]]:
+        return [list(g[i : i + k]) for g in groups for i in range(0, len(g), k)]
+
     if per_row is not None:
-        return [g[i : i + per_row] for g in groups for i in range(0, len(g), per_row)]
+        return split(per_row)
     largest = max(len(g) for g in groups)
     best: tuple[float, list[list[int]]] | None = None
     k = 1
     while True:
-        rows = [g[i : i + k] for g in groups for i in range(0, len(g), k)]
+        rows = split(k)
         length = max(prompt_lens[r[0]] + sum(completion_lens[i] for i in r) for r in rows)
         cost = len(rows) * length * (1 + pair_cost * length)
         if best is None or cost < best[0]:
@@ -101,7 +109,7 @@ def pack(
     pos = torch.zeros((R, L), dtype=torch.long)
     segment = torch.full((R, L), -1, dtype=torch.long)  # 0: prompt, j + 1: the row's j-th completion, -1: padding
     predictor = torch.zeros((n, C), dtype=torch.long)  # (row, position) of the logits predicting each token
-    predictor_row = torch.zeros((n, C), dtype=torch.long)
+    predictor_row = torch.zeros((n, 1), dtype=torch.long)
     for r, members in enumerate(rows):
         p = prompt_ids[members[0]]
         P = len(p)
@@ -122,7 +130,6 @@ def pack(
     causal = torch.ones((L, L), dtype=torch.bool).tril()
     q, k = segment.unsqueeze(2), segment.unsqueeze(1)  # (R, L, 1), (R, 1, L)
     mask = causal & ((q == k) | ((k == 0) & (q > 0)))  # padding attends to earlier padding, so no row is empty
-    first = max(0, min(prompt_lens[r[0]] for r in rows) - 1)
-    keep = torch.arange(first, L)
-    logit_index = predictor_row * len(keep) + (predictor - first).clamp(min=0)
-    return PackedRows(ids, pos, mask.unsqueeze(1), keep, logit_index, R * L)
+    first = max(0, min(prompt_lens[r[0]] for r in rows) - 1)  # the earliest position any row needs
+    logit_index = predictor_row * (L - first) + (predictor - first).clamp(min=0)
+    return PackedRows(ids, pos, mask.unsqueeze(1), L - first, logit_index)

@@ -240,9 +240,7 @@ class RolloutEngine:
 
     def load_weights(self, metas: list[sync.TensorMeta], refs: list[ray.ObjectRef]) -> int:
         """Object-store transport: the buckets arrive as object refs, read in place."""
-        arrays = ray.get(refs)
-        flats = (sync.from_shared(a, metas[b[0]].torch_dtype) for b, a in zip(sync.buckets(metas), arrays))
-        weights = list(sync.split_buckets(flats, metas))
+        weights = list(sync.from_shared(ray.get(refs), metas))
         self._reload(weights)
         return len(weights)
 

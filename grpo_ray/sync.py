@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 import socket
 import threading
-import warnings
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
@@ -139,10 +139,16 @@ def to_shared(flat: torch.Tensor) -> Any:
     return (flat.view(torch.int16) if flat.element_size() == 2 else flat).numpy()
 
 
-def from_shared(array: Any, dtype: torch.dtype) -> torch.Tensor:
-    with warnings.catch_warnings():  # the mapped buffer is read-only; vLLM copies out of it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array).view(dtype)
+def from_shared(arrays: list[Any], metas: list[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Inverse of `to_shared` over all buckets: (name, read-only view) per tensor."""
+
+    def flats() -> Iterator[torch.Tensor]:
+        for bucket, array in zip(buckets(metas), arrays):
+            with warnings.catch_warnings():  # the mapped buffer is read-only; vLLM copies out of it
+                warnings.simplefilter("ignore", UserWarning)
+                yield torch.from_numpy(array).view(metas[bucket[0]].torch_dtype)
+
+    return split_buckets(flats(), metas)
 
 
 def send_tensors(group: SyncGroup, tensors: Iterable[torch.Tensor], device: torch.device) -> None:

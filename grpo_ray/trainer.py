@@ -104,7 +104,7 @@ def completion_logps(model: Any, mb: MicroBatch, temperature: float, entropies: 
         input_ids=rows.input_ids,
         position_ids=rows.position_ids,
         attention_mask=model_attention_mask(rows.attention_mask, config),
-        logits_to_keep=rows.keep,
+        logits_to_keep=rows.logits_to_keep,
     )
     logits = out.logits.flatten(0, 1)[rows.logit_index]  # (B, C, V)
     logps = selective_log_softmax(logits, mb.completion_ids, temperature).float()

@@ -23,7 +23,7 @@ def test_layout_of_one_packed_row():
     assert m[5] == [1, 1, 1, 1, 1, 1, 0, 0]
     assert m[1] == [1, 1, 0, 0, 0, 0, 0, 0]
     # logits kept from the prompt's last position; token 0 of both completions is predicted there
-    assert rows.keep.tolist() == [2, 3, 4, 5, 6, 7]
+    assert list(range(8 - rows.logits_to_keep, 8)) == [2, 3, 4, 5, 6, 7]
     assert rows.logit_index.tolist() == [[0, 1, 2], [0, 4, 0]]  # (pad slot of the shorter row points anywhere)
     assert pack([[5, 6, 7], [5, 6, 7]], [[8, 9, 10], [11, 12]], PAD, pair_cost=0.0, per_row=1).input_ids.shape == (2, 6)
 
