@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,24 @@ SCALE_REWARDS = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 WEIGHT_SYNC = ("auto", "gloo", "nccl", "object_store")
+# How the OpenMP threads of the engines and trainer workers wait between parallel regions
+# (libgomp, which torch's CPU wheels use). Its default spins for ~300k pauses (milliseconds) on a
+# core that another process could use. When generation and the update run at once on the same
+# cores (async_generation on CPU) that spinning makes each slow the other: bench/vs_trl.py,
+# 2 cores, bf16: async 3.77 s/step spinning, 1.79 passive. Sync runs one phase at a time and keeps
+# the default: passive cost it 1.27x, and a 10k spin measured 0.91x-1.15x of it across runs (noise).
+OMP_WAIT = {
+    "inherit": {},  # whatever the processes' environment says
+    "short_spin": {"GOMP_SPINCOUNT": "10000"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+OMP_WAIT_CHOICES = ("auto", *OMP_WAIT)
+OMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def omp_wait_env() -> dict[str, str | None]:
+    """This process's OpenMP wait settings (what placement.json records per engine and rank)."""
+    return {k: os.environ.get(k) for k in OMP_WAIT_VARS}
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # report_to names (metrics.jsonl is always written)
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Optimizers grpo-ray builds natively, and what each TRL/transformers name falls back to on
@@ -75,6 +94,9 @@ class ClusterConfig:
     use_gpu: bool = False
     zero_stage: int = 0
     weight_sync: str = "auto"  # auto -> nccl on GPU, gloo on CPU
+    # OpenMP waiting in engines and trainers (see OMP_WAIT); auto: passive with async_generation
+    # on CPU (generation and update share the cores), else inherit.
+    omp_wait: str = "auto"
     reward_num_cpus: float = 0.0  # CPUs reserved per reward task (0: never wait for a free CPU)
     reward_timeout_s: float = 60.0
     max_failures: int = 0
@@ -188,6 +210,19 @@ class GRPOConfig:
         bf16 = (device_supports_bf16 and self.fp16 is not True) if self.bf16 in (None, "auto") else bool(self.bf16)
         fp16 = (not bf16 and self.cluster.use_gpu) if self.fp16 == "auto" else bool(self.fp16)
         return "bf16" if bf16 else ("fp16" if fp16 else "fp32")
+
+    def resolved_omp_wait(self) -> str:
+        """`cluster.omp_wait` after "auto"; a driver environment that sets OMP_WAIT_POLICY or
+        GOMP_SPINCOUNT itself wins over "auto" (the local Ray's processes inherit it)."""
+        if self.cluster.omp_wait != "auto":
+            return self.cluster.omp_wait
+        if self.async_generation and not self.cluster.use_gpu and not any(k in os.environ for k in OMP_WAIT_VARS):
+            return "passive"
+        return "inherit"
+
+    def process_env(self) -> dict[str, str]:
+        """Environment variables the engine and trainer processes start with."""
+        return dict(OMP_WAIT[self.resolved_omp_wait()])
 
     def resolved_optim(self, on_gpu: bool) -> tuple[str, str | None]:
         """The optimizer to build on this device and, when it differs, a one-line notice why."""
@@ -456,6 +491,7 @@ def _validate(c: GRPOConfig) -> None:
     one_of("lr_scheduler_type", c.lr_scheduler_type, LR_SCHEDULERS)
     one_of("optim", c.optim, OPTIMIZERS)
     one_of("cluster.weight_sync", c.cluster.weight_sync, WEIGHT_SYNC)
+    one_of("cluster.omp_wait", c.cluster.omp_wait, OMP_WAIT_CHOICES)
     one_of("cluster.zero_stage", c.cluster.zero_stage, (0, 1, 2, 3))
     for name in ("bf16", "fp16"):
         value = getattr(c, name)

@@ -122,6 +122,7 @@ def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:
         kv_cache_gib=cfg.cluster.kv_cache_gib,
         gpu_memory_utilization=cfg.cluster.gpu_memory_utilization,
         use_gpu=cfg.cluster.use_gpu,
+        env_vars=cfg.process_env(),
     )
 
 
@@ -166,6 +167,7 @@ def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list |
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit),
             failure_config=FailureConfig(max_failures=cl.max_failures),
             callbacks=callbacks,
+            worker_runtime_env={"env_vars": cfg.process_env()},
         ),
     )
 

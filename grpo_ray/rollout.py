@@ -14,7 +14,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import ray
@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from grpo_ray import sync
 from grpo_ray.algorithm import combine_rewards, group_advantages
-from grpo_ray.config import GRPOConfig
+from grpo_ray.config import GRPOConfig, omp_wait_env
 from grpo_ray.rewards import RewardError, resolve_reward_functions, score
 
 
@@ -66,6 +66,7 @@ class EngineSpec:
     kv_cache_gib: float = 1.0
     gpu_memory_utilization: float = 0.5
     use_gpu: bool = False
+    env_vars: dict[str, str] = field(default_factory=dict)  # the engine process's extra environment
 
 
 @dataclass
@@ -186,6 +187,9 @@ class RolloutEngine:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def omp_wait_env(self) -> dict[str, str | None]:
+        return omp_wait_env()
+
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, seed: int) -> list[Group]:
         """Sample a group per prompt. vLLM's per-token incremental detokenisation (of the text and
         of every logprob entry) is skipped: one batched decode at the end is cheaper on CPU, and
@@ -295,6 +299,7 @@ class RolloutPool:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=index),
             max_concurrency=1,
             max_restarts=self.max_restarts,  # Ray restarts a dead engine in its own bundle, same handle
+            runtime_env={"env_vars": self.spec.env_vars} if self.spec.env_vars else None,
         )
         return actor.remote(self.spec)
 

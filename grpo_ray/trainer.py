@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from grpo_ray import sync
 from grpo_ray.algorithm import entropy_from_logits, grpo_loss, selective_log_softmax
-from grpo_ray.config import GRPOConfig
+from grpo_ray.config import GRPOConfig, omp_wait_env
 from grpo_ray.data import DataError, PromptSampler, load_datasets, render_prompts
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
@@ -571,16 +571,22 @@ def progress_bar(cfg: GRPOConfig, start: int):
 
 
 def record_placement(lc: LoopConfig, world: int) -> None:
-    """Write OUTPUT_DIR/placement.json: which Ray node runs each engine and trainer rank."""
-    node = ray.get_runtime_context().get_node_id()
-    nodes = [None] * world
+    """Write OUTPUT_DIR/placement.json: which Ray node runs each engine and trainer rank, and
+    with which OpenMP wait settings (`cluster.omp_wait`)."""
+    here = (ray.get_runtime_context().get_node_id(), omp_wait_env())
+    ranks = [None] * world
     if world > 1:
-        dist.all_gather_object(nodes, node)
+        dist.all_gather_object(ranks, here)
     else:
-        nodes = [node]
+        ranks = [here]
     if ray.train.get_context().get_world_rank() == 0:
-        engines = ray.get([e.node_id.remote() for e in lc.pool.engines])
-        Path(lc.output_dir, "placement.json").write_text(json.dumps({"trainer_nodes": nodes, "rollout_nodes": engines}, indent=1))
+        engines = lc.pool.engines
+        record = {
+            "trainer_nodes": [node for node, _ in ranks],
+            "rollout_nodes": ray.get([e.node_id.remote() for e in engines]),
+            "omp_wait": {"trainer": [env for _, env in ranks], "rollout": ray.get([e.omp_wait_env.remote() for e in engines])},
+        }
+        Path(lc.output_dir, "placement.json").write_text(json.dumps(record, indent=1))
 
 
 def quiet_report_logs() -> None:

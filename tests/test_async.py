@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +101,7 @@ def test_async_quick_run_reports_staleness_and_mismatch(tmp_path, tiny_model_pat
         assert math.isfinite(row["loss"])
         assert "sampling/importance_sampling_ratio/mean" in row
         assert {"logprobs_s", "backward_s", "optimizer_s", "overlap_wait_s"} <= set(row)
+    # generation and update share the cores here: the engine and the trainer ran with passive OpenMP waits
+    omp = json.loads((Path(cfg.output_dir) / "placement.json").read_text())["omp_wait"]
+    assert omp["trainer"] and omp["rollout"]
+    assert {env["OMP_WAIT_POLICY"] for env in omp["trainer"] + omp["rollout"]} == {"PASSIVE"}

@@ -407,6 +407,34 @@ def test_unknown_weight_sync_suggests():
     assert "cluster.weight_sync='ncll'" in msg and "did you mean 'nccl'" in msg
 
 
+@pytest.mark.parametrize(
+    ("cluster", "async_generation", "expected"),
+    [
+        ({}, False, {}),  # sync on CPU: one phase at a time, OpenMP's default spinning is fine
+        ({}, True, {"OMP_WAIT_POLICY": "PASSIVE"}),  # async on CPU: generation and update share the cores
+        ({"use_gpu": True}, True, {}),  # GPU: the CPU threads mostly wait on the device anyway
+        ({"omp_wait": "passive"}, False, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ({"omp_wait": "short_spin"}, True, {"GOMP_SPINCOUNT": "10000"}),
+        ({"omp_wait": "inherit"}, True, {}),
+    ],
+)
+def test_omp_wait_sets_the_engine_and_trainer_environment(monkeypatch, cluster, async_generation, expected):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert GRPOConfig.from_dict({"async_generation": async_generation, "cluster": cluster}).process_env() == expected
+
+
+def test_omp_wait_auto_leaves_an_explicit_environment_alone(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert GRPOConfig.from_dict({"async_generation": True}).process_env() == {}
+    assert GRPOConfig.from_dict({"cluster": {"omp_wait": "short_spin"}}).process_env() == {"GOMP_SPINCOUNT": "10000"}
+
+
+def test_unknown_omp_wait_suggests():
+    msg = _raises({"cluster": {"omp_wait": "pasive"}})
+    assert "cluster.omp_wait='pasive'" in msg and "did you mean 'passive'" in msg
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     path = _write(tmp_path, "learning_rate: 1e-5\nbeta: 0.0\nloss_type: [dapo\nseed: 1\n", "bad.yaml")
     with pytest.raises(ConfigError) as exc_info:

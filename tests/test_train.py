@@ -170,7 +170,7 @@ def test_two_node_run_places_engines_and_trainers_apart(tmp_path, tiny_model_pat
 
     cfg = quick_config(
         tmp_path, max_steps=2, save_steps=2,
-        cluster={"address": two_node_cluster.address, "rollout_resource": "rollout", "trainer_resource": "trainer"},
+        cluster={"address": two_node_cluster.address, "rollout_resource": "rollout", "trainer_resource": "trainer", "omp_wait": "short_spin"},
     )  # fmt: skip
     result = train(cfg)
     assert result.steps == 2
@@ -180,4 +180,8 @@ def test_two_node_run_places_engines_and_trainers_apart(tmp_path, tiny_model_pat
     assert rollout_node != trainer_node
     assert set(placement["rollout_nodes"]) == rollout_node
     assert set(placement["trainer_nodes"]) == trainer_node
+    # cluster.omp_wait reaches every engine and trainer process (placement.json records what each ran with)
+    omp = placement["omp_wait"]
+    assert len(omp["trainer"]) == len(placement["trainer_nodes"]) and len(omp["rollout"]) == len(placement["rollout_nodes"])
+    assert {env["GOMP_SPINCOUNT"] for env in omp["trainer"] + omp["rollout"]} == {"10000"}
     assert all(r["logprob_mismatch"] < 1e-3 for r in read_metrics(cfg.output_dir))  # synced across nodes
