@@ -66,6 +66,11 @@ class TrainerSide:
             self.senders[transport] = WeightSender(self.engines, self.model, torch.float32, transport)
         return self.senders[transport].push()
 
+    def resync(self, transport):
+        """What rank 0 does after a failed push: a new broadcast group to engines that may still
+        hold the old one (the engine's own group is replaced, not leaked or waited on)."""
+        self.senders[transport].resync()
+
     def logprobs(self):
         p, c = sample_tokens(self.tokenizer)
         return p, c, self.score(p, c)
@@ -103,6 +108,12 @@ def check_sync(cfg, model_path, trainer_resources):
             # cached before this sync, so a stale cache would show here.
             sampled, hf_sampled = sample_and_score(pool, side, p)
             assert max_diff(sampled, hf_sampled) < 1e-3, f"generation after a {transport} sync used stale prompt KV"
+        # A second gloo group to the same live engines (resync after a transient error), then a plain push on it.
+        for seed, method in [(4, "resync"), (5, "push")]:
+            ray.get(side.perturb.remote(seed))
+            _, _, hf = ray.get(side.logprobs.remote())
+            ray.get(getattr(side, method).remote("gloo"), timeout=120)
+            assert max_diff(pool.completion_logprobs(p, c), hf) < 1e-3, f"gloo {method} on a rebuilt group left vLLM out of step"
         return ray.get(side.node_id.remote()), ray.get(pool.engines[0].node_id.remote())
     finally:
         pool.shutdown()
