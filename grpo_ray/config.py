@@ -38,12 +38,7 @@ OMP_WAIT = {
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
 }
 OMP_WAIT_CHOICES = ("auto", *OMP_WAIT)
-OMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-
-
-def omp_wait_env() -> dict[str, str | None]:
-    """This process's OpenMP wait settings (what placement.json records per engine and rank)."""
-    return {k: os.environ.get(k) for k in OMP_WAIT_VARS}
+OMP_WAIT_VARS = tuple(dict.fromkeys(k for env in OMP_WAIT.values() for k in env))
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # report_to names (metrics.jsonl is always written)
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Optimizers grpo-ray builds natively, and what each TRL/transformers name falls back to on
@@ -76,6 +71,11 @@ class DataConfig:
     answer_column: str = "answer"
     system_prompt: str | None = None
     eval_split: str | None = None
+
+
+def omp_wait_env() -> dict[str, str | None]:
+    """This process's OpenMP wait settings (what placement.json records per engine and rank)."""
+    return {k: os.environ.get(k) for k in OMP_WAIT_VARS}
 
 
 @dataclass
