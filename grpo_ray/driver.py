@@ -17,6 +17,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from grpo_ray.checkpoints import MODEL_DIR, RUN_FILE, RUN_NAME, latest_checkpoint
 from grpo_ray.config import GRPOConfig
 from grpo_ray.data import load_datasets
 from grpo_ray.evaluate import evaluate
@@ -24,9 +25,7 @@ from grpo_ray.metrics import METRICS_FILE, check_trackers, plot_reward_curve, re
 from grpo_ray.models import resolve_model_path
 from grpo_ray.rollout import EngineSpec, RolloutPool, check_reward_functions
 from grpo_ray.sync import resolve_transport
-from grpo_ray.trainer import FATAL_FILE, MODEL_DIR, RUN_NAME, LoopConfig, latest_complete_checkpoint, run_worker
-
-RUN_FILE = "run_config.yaml"
+from grpo_ray.trainer import FATAL_FILE, LoopConfig, run_worker
 
 
 class RunDirError(ValueError):
@@ -101,13 +100,6 @@ def prepare_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
     if not resume:
         cfg.to_yaml(out / RUN_FILE)
     return out
-
-
-def latest_checkpoint(out: Path) -> ray.train.Checkpoint | None:
-    """The newest complete checkpoint Ray Train wrote under this run dir (a dir that a crash left
-    half-copied is skipped: see `trainer.write_manifest`)."""
-    found = latest_complete_checkpoint(out)
-    return ray.train.Checkpoint.from_directory(str(found[1])) if found else None
 
 
 def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 import threading
 import time
 from collections import defaultdict, deque
@@ -35,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_ray import sync
+from grpo_ray.checkpoints import load_checkpoint, restore_point, save_checkpoint
 from grpo_ray.algorithm import entropy_from_logits, grpo_loss, selective_log_softmax
 from grpo_ray.config import GRPOConfig, omp_wait_env
 from grpo_ray.data import DataError, PromptSampler, load_datasets, render_prompts
@@ -42,12 +41,6 @@ from grpo_ray.metrics import MetricsLogger
 from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
 from grpo_ray.rewards import RewardError
 from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool
-
-TRAINER_STATE = "trainer_state.json"
-RUN_NAME = "train"  # Ray Train run name: checkpoints go to OUTPUT_DIR/ray/<RUN_NAME>/checkpoint_*
-DS_DIR = "deepspeed"
-MODEL_DIR = "model"
-
 
 @dataclass
 class LoopConfig:
@@ -345,88 +338,6 @@ def deepspeed_config(cfg: GRPOConfig, precision: str, inference: bool = False) -
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(policy: Policy, tokenizer: Any, step: int, state: dict, rank: int) -> str:
-    """A Ray Train checkpoint dir: DeepSpeed state (all ranks) + HF model and trainer state (rank 0)."""
-    root = tempfile.mkdtemp(prefix=f"grpo-ckpt-{step}-")
-    policy.engine.save_checkpoint(os.path.join(root, DS_DIR), tag="state")
-    zero3 = policy.cfg.cluster.zero_stage == 3
-    weights = policy.engine._zero3_consolidated_16bit_state_dict() if zero3 else None
-    if rank == 0:
-        model_dir = os.path.join(root, MODEL_DIR)
-        policy.module.save_pretrained(model_dir, state_dict=weights, safe_serialization=True)
-        tokenizer.save_pretrained(model_dir)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        Path(root, TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": world, **state}))
-    write_manifest(root, rank)
-    return root
-
-
-def manifest_name(rank: int | str) -> str:
-    return f"complete_rank{rank}.json"
-
-
-def write_manifest(root: str, rank: int) -> None:
-    """List this rank's files with their sizes, last. Ray Train copies every rank's dir into one
-    `checkpoint_*` dir in no set order, so a copy cut short can hold trainer_state.json without
-    the weights; `checkpoint_is_complete` trusts only a dir whose every manifest checks out."""
-    files = {str(f.relative_to(root)): f.stat().st_size for f in Path(root).rglob("*") if f.is_file()}
-    Path(root, manifest_name(rank)).write_text(json.dumps(files))
-
-
-def refresh_manifests(path: str | Path) -> None:
-    """After this project edited files of a complete checkpoint in place (tuning's learning-rate
-    retarget), record their new sizes so the checkpoint still counts as complete."""
-    for manifest in Path(path).glob(manifest_name("*")):
-        files = json.loads(manifest.read_text())
-        manifest.write_text(json.dumps({name: Path(path, name).stat().st_size for name in files}))
-
-
-def checkpoint_is_complete(path: str | Path) -> bool:
-    """Every rank's manifest is there and every file it lists has its size (see `write_manifest`)."""
-    path = Path(path)
-    try:
-        state = json.loads((path / TRAINER_STATE).read_text())
-        if "world_size" not in state:  # written before manifests existed: trust it as before
-            return True
-        for rank in range(int(state["world_size"])):
-            files = json.loads((path / manifest_name(rank)).read_text())
-            if any(not (path / name).is_file() or (path / name).stat().st_size != size for name, size in files.items()):
-                return False
-    except (OSError, ValueError, KeyError):
-        return False
-    return True
-
-
-def latest_complete_checkpoint(output_dir: str | Path) -> tuple[int, Path] | None:
-    """(step, dir) of the newest complete checkpoint under OUTPUT_DIR/ray/train, if any."""
-    root = Path(output_dir, "ray", RUN_NAME)
-    found = sorted(
-        (int(json.loads((p / TRAINER_STATE).read_text())["step"]), p) for p in root.glob("checkpoint_*") if checkpoint_is_complete(p)
-    )
-    return found[-1] if found else None
-
-
-def restore_point(given: ray.train.Checkpoint | None, output_dir: str) -> ray.train.Checkpoint | None:
-    """The checkpoint to start from: Ray Train's, or a newer complete one on disk. A worker killed
-    right after `ray.train.report` can die before the controller collected that report, so Ray
-    restarts from an older checkpoint (or none) although a newer one was fully written."""
-    on_disk = latest_complete_checkpoint(output_dir)
-    if on_disk is None:
-        return given
-    if given is not None:
-        with given.as_directory() as root:
-            if int(json.loads(Path(root, TRAINER_STATE).read_text())["step"]) >= on_disk[0]:
-                return given
-    return ray.train.Checkpoint.from_directory(str(on_disk[1]))
-
-
-def load_checkpoint(policy: Policy, checkpoint: ray.train.Checkpoint) -> dict:
-    with checkpoint.as_directory() as root:
-        policy.engine.load_checkpoint(os.path.join(root, DS_DIR), tag="state")
-        return json.loads(Path(root, TRAINER_STATE).read_text())
 
 
 # ----------------------------------------------------------------------------- rollouts ahead

@@ -45,10 +45,9 @@ import yaml
 from ray.train.v2.api.callback import UserCallback
 from ray.tune import Trainable
 
+from grpo_ray.checkpoints import RUN_FILE, export_for_tune, latest_checkpoint, seed_run_from_checkpoint
 from grpo_ray.config import ALIASES, PRESETS, ConfigError, GRPOConfig, merge, one_of, read_yaml
-from grpo_ray.driver import RUN_FILE, RUN_NAME, init_ray, latest_checkpoint, train
-from grpo_ray.metrics import METRICS_FILE, read_metrics
-from grpo_ray.trainer import DS_DIR, TRAINER_STATE, refresh_manifests
+from grpo_ray.driver import init_ray, train
 
 SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCHERS = ("random", "optuna", "hyperopt")
@@ -70,7 +69,6 @@ TABLE_MD = "trials.md"
 BEST_FILE = "best_config.yaml"
 CURVES_FILE = "reward_curves.png"
 SUMMARY_FILE = "summary.json"
-LINEAGE_FILE = "grpo_tune_metrics.jsonl"  # metrics up to a checkpoint's step, for PBT clones
 # Tune's placement group per trial holds the trial's driver process only: 1 byte of memory, no
 # CPU (a fractional CPU would stop a node from fitting whole-CPU engine/trainer bundles).
 TRIAL_HEAD_BUNDLE = {"memory": 1}
@@ -523,9 +521,7 @@ class GRPOTrial(Trainable):
             source = latest.path if latest is not None else None
         if source is None:
             raise RuntimeError(f"trial {self.trial_id}: no grpo-ray checkpoint yet to hand to Tune (save_steps={self.run_cfg.save_steps})")
-        shutil.copytree(source, checkpoint_dir, dirs_exist_ok=True)
-        step = int(json.loads((Path(source) / TRAINER_STATE).read_text())["step"])
-        _write_lineage(self.out, Path(checkpoint_dir), step)
+        export_for_tune(source, checkpoint_dir, self.out)
         return checkpoint_dir
 
     # -- the run
@@ -619,117 +615,6 @@ def _held_out_accuracy(cfg: GRPOConfig, model: str) -> float:
 
     task = ray.remote(num_cpus=cfg.cluster.rollout_num_cpus, max_retries=0)(evaluate).options(scheduling_strategy="DEFAULT")
     return float(ray.get(task.remote(cfg, resolve_model_path(model), cfg.eval_limit)).accuracy)
-
-
-# ------------------------------------------------------------------------------ PBT checkpoints
-def _write_lineage(run_dir: Path, ckpt_dir: Path, step: int) -> None:
-    """Put the run's metrics up to `step` inside the checkpoint, so a trial that clones it keeps the curve."""
-    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    (ckpt_dir / LINEAGE_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def seed_run_from_checkpoint(cfg: GRPOConfig, ckpt_dir: Path, out: Path) -> int:
-    """Make `out` a run that Ray Train resumes from `ckpt_dir` (a grpo-ray checkpoint), with `cfg`.
-
-    Ray Train V2 restores from the checkpoint manager snapshot in its storage dir, so the
-    checkpoint is copied there and a one-checkpoint snapshot written; the metrics up to the
-    checkpoint's step come along; the optimizer and scheduler learning rate are rescaled to
-    cfg.learning_rate (PBT may have changed it; DeepSpeed would otherwise restore the old one)."""
-    step = int(json.loads((ckpt_dir / TRAINER_STATE).read_text())["step"])
-    if out.exists():
-        shutil.rmtree(out)
-    storage = out / "ray" / RUN_NAME
-    name = f"checkpoint_seed_step{step:06d}"
-    shutil.copytree(ckpt_dir, storage / name, ignore=shutil.ignore_patterns(LINEAGE_FILE))
-    rows = [json.loads(line) for line in (ckpt_dir / LINEAGE_FILE).read_text().splitlines() if line.strip()] if (ckpt_dir / LINEAGE_FILE).is_file() else []
-    rows = [r for r in rows if r.get("step", 0) <= step]
-    (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    retarget_learning_rate(storage / name / DS_DIR, cfg.learning_rate)
-    refresh_manifests(storage / name)
-    write_train_snapshot(storage, name, rows[-1] if rows else {"step": step})
-    cfg.to_yaml(out / RUN_FILE)
-    return step
-
-
-def write_train_snapshot(storage: Path, checkpoint_dir_name: str, metrics: dict[str, Any]) -> None:
-    """Ray Train V2's checkpoint-manager snapshot naming one checkpoint (its own schema, via its own model)."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState, _TrainingResultState
-
-    result = _TrainingResultState(checkpoint_dir_name=checkpoint_dir_name, metrics=metrics)
-    state = _CheckpointManagerState(
-        checkpoint_results=[result],
-        checkpoint_report_indices=[0],
-        latest_checkpoint_result=result,
-        pending_training_results=[],
-        pending_validation_specs=[],
-        current_report_index=1,
-        validated_checkpoint_dir_names=[],
-        timed_out_validation_checkpoint_dir_names=[],
-        failed_validation_checkpoint_dir_names=[],
-    )
-    text = state.model_dump_json() if hasattr(state, "model_dump_json") else state.json()
-    (storage / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).write_text(text)
-
-
-def _scale_lrs(node: Any, ratio: float) -> int:
-    """Multiply every learning rate in a (DeepSpeed / torch) optimizer or LR-scheduler state."""
-    count = 0
-    if isinstance(node, dict):
-        if "lr" in node and ("params" in node or "initial_lr" in node):
-            for key in ("lr", "initial_lr"):
-                if isinstance(node.get(key), (int, float)):
-                    node[key] = node[key] * ratio
-                    count += 1
-        if "base_lrs" in node:
-            for key in ("base_lrs", "_last_lr"):
-                if isinstance(node.get(key), list):
-                    node[key] = [v * ratio for v in node[key]]
-                    count += 1
-        for value in node.values():
-            if isinstance(value, (dict, list)):
-                count += _scale_lrs(value, ratio)
-    elif isinstance(node, list):
-        for value in node:
-            if isinstance(value, (dict, list)):
-                count += _scale_lrs(value, ratio)
-    return count
-
-
-def _base_lr(node: Any) -> float | None:
-    if isinstance(node, dict):
-        if isinstance(node.get("base_lrs"), list) and node["base_lrs"]:
-            return float(node["base_lrs"][0])
-        if isinstance(node.get("initial_lr"), (int, float)):
-            return float(node["initial_lr"])
-        for value in node.values():
-            found = _base_lr(value) if isinstance(value, (dict, list)) else None
-            if found is not None:
-                return found
-    elif isinstance(node, list):
-        for value in node:
-            found = _base_lr(value) if isinstance(value, (dict, list)) else None
-            if found is not None:
-                return found
-    return None
-
-
-def retarget_learning_rate(ds_dir: Path, learning_rate: float) -> float | None:
-    """Rescale the checkpoint's learning rates so its schedule starts from `learning_rate`; returns the old one."""
-    import torch
-
-    tag_file = ds_dir / "latest"
-    folder = ds_dir / tag_file.read_text().strip() if tag_file.is_file() else ds_dir
-    files = sorted(folder.glob("*.pt"))
-    states = {f: torch.load(f, map_location="cpu", weights_only=False) for f in files}
-    old = next((lr for lr in (_base_lr(s.get("lr_scheduler")) for s in states.values() if isinstance(s, dict)) if lr), None)
-    old = old or next((lr for lr in map(_base_lr, states.values()) if lr), None)
-    if old is None or math.isclose(old, learning_rate, rel_tol=1e-12):
-        return old
-    for path, state in states.items():
-        if _scale_lrs(state, learning_rate / old):
-            torch.save(state, path)
-    return old
 
 
 # ------------------------------------------------------------------------------------ results
