@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="write the result and a few examples as JSON")
     ev.set_defaults(func=cmd_eval)
 
-    # Hyperparameter search (grpo_ray/tuning.py, tune/README.md): every trial is a whole GRPO run.
+    # Hyperparameter search (grpo_ray/tuning/, tune/README.md): every trial is a whole GRPO run.
     tn = sub.add_parser("tune", help="hyperparameter search over GRPO runs with Ray Tune (ASHA / PBT / FIFO)")
     common(tn)
     tn.add_argument("--space", help="search-space YAML, e.g. tune/beta_lr.yaml or tune/presets.yaml")

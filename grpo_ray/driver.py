@@ -141,7 +141,7 @@ class GRPOTorchTrainer(TorchTrainer):
 def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list | None = None) -> TorchTrainer:
     """Ray Train resumes by itself from the newest checkpoint under the same name and storage path.
 
-    `callbacks`: extra Ray Train `RunConfig` callbacks (grpo_ray/tuning.py forwards reports to Tune)."""
+    `callbacks`: extra Ray Train `RunConfig` callbacks (grpo_ray/tuning/trial.py forwards reports to Tune)."""
     cl = cfg.cluster
     resources: dict[str, float] = {"CPU": cl.trainer_num_cpus}
     if cl.use_gpu:
@@ -169,9 +169,10 @@ def held_out_accuracy(cfg: GRPOConfig, model_path: str) -> float:
 
     `max_calls=1`: the worker exits after it, or the idle process would keep its vLLM engine
     (4 GiB for SmolLM2) and spend a quarter of a core beside the training that follows (seen in
-    the demo: the embedded Ray keeps idle workers for minutes, for the reward tasks)."""
-    task = ray.remote(num_cpus=cfg.cluster.rollout_num_cpus, max_retries=0, max_calls=1)(evaluate)
-    return ray.get(task.remote(cfg, model_path, cfg.eval_limit)).accuracy
+    the demo: the embedded Ray keeps idle workers for minutes, for the reward tasks). "DEFAULT":
+    never inside the caller's placement group (a Tune trial's holds no CPU)."""
+    task = ray.remote(num_cpus=cfg.cluster.rollout_num_cpus, max_retries=0, max_calls=1)(evaluate).options(scheduling_strategy="DEFAULT")
+    return float(ray.get(task.remote(cfg, model_path, cfg.eval_limit)).accuracy)
 
 
 def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, callbacks: list | None = None) -> RunResult:

@@ -267,7 +267,7 @@ def test_deploy_configs_are_valid_and_use_the_roles():
 
 def test_deploy_study_fits_the_worker_groups():
     """The tuning study loads as `grpo-ray tune` loads it, and its concurrent trials fit maxReplicas."""
-    from grpo_ray.tuning import load_study
+    from grpo_ray.tuning.space import load_study
 
     study = load_study(DEPLOY / "configs" / "tune-space.yaml", GRPOConfig.from_yaml(DEPLOY / "configs" / "train.yaml"), {}, name="demo")
     trial = study.base_config()

@@ -1,4 +1,4 @@
-"""`grpo-ray tune` (grpo_ray/tuning.py).
+"""`grpo-ray tune` (grpo_ray/tuning/).
 
 Fast tests (no Ray): search-space files, validation as one-line errors, trial configs, the
 resource request of a trial, results table / best config / plot, PBT checkpoint seeding.
@@ -25,24 +25,10 @@ import pytest
 from grpo_ray.checkpoints import LINEAGE_FILE, latest_complete_checkpoint, restore_point, seed_run_from_checkpoint
 from grpo_ray.cli import builtin_config, main
 from grpo_ray.config import PRESETS, ConfigError, GRPOConfig
-from grpo_ray.tuning import (
-    BEST_FILE,
-    CURVES_FILE,
-    STUDY_FILE,
-    TABLE_CSV,
-    TRIAL_HEAD_BUNDLE,
-    TrialRecord,
-    best_record,
-    check_capacity,
-    load_study,
-    make_scheduler,
-    param_space,
-    sample_overrides,
-    summarize,
-    trial_bundles,
-    trial_config,
-    write_summary,
-)
+from grpo_ray.tuning.admission import TRIAL_HEAD_BUNDLE, check_capacity, trial_bundles
+from grpo_ray.tuning.report import BEST_FILE, CURVES_FILE, TABLE_CSV, TrialRecord, best_record, summarize, write_summary
+from grpo_ray.tuning.space import load_study, make_scheduler, param_space, sample_overrides, trial_config
+from grpo_ray.tuning.study import STUDY_FILE
 from tests.conftest import stop_ray_head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +126,16 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys):
     assert code == 2 and "did you mean 'learning_rate'" in capsys.readouterr().err
     code = main(["tune", "--resume", str(tmp_path)])
     assert code == 2 and f"holds no {STUDY_FILE}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--num-samples", "--max-concurrent"])
+def test_a_bad_count_flag_is_blamed_on_the_flag_not_the_space_file(tmp_path, capsys, flag):
+    path = space_file(tmp_path, "space: {beta: {choice: [0.0, 0.1]}}\n")
+    code = main(["tune", "--quick", "--space", str(path), flag, "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"grpo-ray: error: {flag} 0: must be an integer >= 1"], err
+    assert main(["tune", "--quick", "--space", str(space_file(tmp_path, "num_samples: 0\nspace: {beta: {choice: [0.0]}}\n"))]) == 2
+    assert capsys.readouterr().err.strip() == f"grpo-ray: error: {path}: num_samples=0: must be an integer >= 1"  # the file's own value: the file
 
 
 def test_search_algorithms_and_schedulers_build(tmp_path):
@@ -475,7 +471,7 @@ def _worker_nodes() -> int:
 def test_study_on_an_autoscaling_cluster_grows_for_concurrent_trials_and_shrinks_after(tmp_path, tiny_model_path):
     import ray
 
-    from grpo_ray.tuning import run_study
+    from grpo_ray.tuning.study import run_study
 
     # Head: no CPU (trial drivers only need their 1-byte bundle). Workers: 3 CPUs, i.e. room for one
     # trial's engine (1 CPU) + trainer worker (1 CPU) but not two: concurrent trials need two nodes.
