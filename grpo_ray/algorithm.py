@@ -6,7 +6,8 @@ metrics), specialised to one process and one micro-batch per optimizer step, so 
 the same objective as the same config under TRL. `tests/test_algorithm.py` checks that claim against
 TRL's own code. Deliberate departures are marked "Deviation from TRL" at the place they happen.
 
-No Ray, no model, no trl import: the trainer workers call these on tensors they already hold.
+No Ray, no model, no trl import (only config's lists of choices): the trainer workers call these on
+tensors they already hold.
 """
 
 from __future__ import annotations
@@ -18,11 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
-MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
-VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+from grpo_ray.config import IS_LEVELS, IS_MODES, LOSS_TYPES, MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
+
 STD_EPSILON = 1e-4  # TRL adds this to the reward std so a near-constant group cannot blow up
 
 # Loss types whose per-token term is PPO's clipped surrogate (they differ only in how they average).
@@ -262,8 +260,8 @@ def vllm_importance_sampling_ratio(
     modes one (B, 1) ratio from the summed log difference; "*_truncate" clamps to [clip_min, clip_max],
     "*_mask" zeroes ratios outside it. Computed without grad, like TRL.
     """
-    if mode not in VLLM_IS_MODES:
-        raise ValueError(f"vllm_importance_sampling_mode={mode!r}: must be one of {VLLM_IS_MODES}")
+    if mode not in IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode={mode!r}: must be one of {IS_MODES}")
     with torch.no_grad():
         diff = torch.nan_to_num((old_per_token_logps - sampling_per_token_logps) * mask, nan=0.0)
         if mode.startswith("sequence"):
@@ -320,9 +318,9 @@ def _check_loss_inputs(
 def _check_options(loss_type: str, importance_sampling_level: str, max_completion_length: int | None) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: must be one of {LOSS_TYPES}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+    if importance_sampling_level not in IS_LEVELS:
         raise ValueError(
-            f"importance_sampling_level={importance_sampling_level!r}: must be one of {IMPORTANCE_SAMPLING_LEVELS}"
+            f"importance_sampling_level={importance_sampling_level!r}: must be one of {IS_LEVELS}"
         )
     if loss_type == "dr_grpo" and not max_completion_length:
         raise ValueError("loss_type='dr_grpo' divides by B * max_completion_length: pass max_completion_length")

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from grpo_ray.config import GRPOConfig, merge, parse_override
+from grpo_ray.tuning.space import SCHEDULERS, SEARCHERS
 
 USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ModelError", "RunDirError", "TrainingDivergedError")
 _USER_ERROR_LINE = re.compile(rf"({'|'.join(USER_ERRORS)}): (.+)")
@@ -126,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(tn)
     tn.add_argument("--space", help="search-space YAML, e.g. tune/beta_lr.yaml or tune/presets.yaml")
     tn.add_argument("--num-samples", type=int, help="trials to sample (x each grid point); default: the space file's, else 1")
-    tn.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), help="asha (default): stop poor trials early; pbt: exploit/explore beta and LR")
-    tn.add_argument("--search", choices=("random", "optuna", "hyperopt"), help="how to sample the space (default random)")
+    tn.add_argument("--scheduler", choices=SCHEDULERS, help="asha (default): stop poor trials early; pbt: exploit/explore beta and LR")
+    tn.add_argument("--search", choices=SEARCHERS, help="how to sample the space (default random)")
     tn.add_argument("--max-concurrent", type=int, help="trials running at once (default: 1 on a local Ray, 4 on a cluster)")
     tn.add_argument("--address", help="Ray cluster address (default: start a local Ray sized for the concurrent trials)")
     tn.add_argument("--output-dir", help="where studies go (default tune_outputs); the study is OUTPUT_DIR/NAME")

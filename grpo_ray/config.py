@@ -5,13 +5,12 @@ implements. Three sections are grpo-ray's own: `data` (what to train on), `clust
 vLLM actors and trainer workers, DeepSpeed ZeRO stage, weight-sync transport) and the reward
 function list. Every error is a one-line `ConfigError` that names the field and the fix.
 
-This module sits at the bottom of the import graph: it imports nothing from grpo_ray.
+This module sits at the bottom of the import graph: it imports only grpo_ray.text.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -21,11 +20,19 @@ from typing import Any, Literal, Union
 
 import yaml
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+from grpo_ray.text import suggest
+
+# The one list of each choice (algorithm.py and sync.py check against these too).
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")  # what algorithm.grpo_loss computes
+# What `loss_type` may be set to: vespo also needs its vespo_* keys and a token-level
+# vllm_importance_sampling_mode check, which this config does not have yet.
+CONFIG_LOSS_TYPES = tuple(t for t in LOSS_TYPES if t != "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-WEIGHT_SYNC = ("auto", "gloo", "nccl", "object_store")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+TRANSPORTS = ("gloo", "nccl", "object_store")  # weight-sync transports (sync.py)
+WEIGHT_SYNC = ("auto", *TRANSPORTS)
 # How the OpenMP threads of the engines and trainer workers wait between parallel regions
 # (libgomp, which torch's CPU wheels use). Its default spins for ~300k pauses (milliseconds) on a
 # core that another process could use. When generation and the update run at once on the same
@@ -269,8 +276,8 @@ class GRPOConfig:
 
         funcs = []
         for spec in self.reward_funcs:
-            path, sep, fn = str(spec).rpartition(":")
-            funcs.append(f"{fix(path)}{sep}{fn}" if sep and path.endswith(".py") else spec)
+            path = reward_file(spec)
+            funcs.append(f"{fix(path)}:{str(spec).strip().rsplit(':', 1)[1]}" if path else spec)
         return self.with_overrides({
             "model_name_or_path": fix(self.model_name_or_path),
             "reward_funcs": funcs,
@@ -373,8 +380,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 def _unknown_key(key: str, names: list[str], prefix: str) -> str:
     leaf = key[len(prefix):]
-    close = difflib.get_close_matches(leaf, names + ([] if prefix else list(ALIASES)), n=1, cutoff=0.6)
-    hint = f"did you mean {prefix + close[0]!r}?" if close else f"valid keys: {', '.join(sorted(names))}"
+    hint = suggest(leaf, names + ([] if prefix else list(ALIASES)), prefix=prefix) or f"valid keys: {', '.join(sorted(names))}"
     return f"unknown config key {key!r}: {hint}"
 
 
@@ -460,10 +466,18 @@ def read_yaml(path: str | Path, missing: str) -> Any:
 def one_of(name: str, value: Any, allowed: tuple, where: str = "") -> None:
     """`value` is one of `allowed`, or a one-line error naming the closest (`where`: a prefix, e.g. a file)."""
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = suggest(value, allowed, end=" ")
         prefix = f"{where}: " if where else ""
         raise ConfigError(f"{prefix}{name}={value!r} is not supported: {hint}use one of {', '.join(map(str, allowed))}")
+
+
+def reward_file(spec: Any) -> str | None:
+    """The file of a `path/to/file.py:function` reward spec; None for a built-in name or a
+    `package.module:function` (the one rule rewards, jobs and with_absolute_paths all use)."""
+    module, sep, attr = str(spec).strip().rpartition(":")
+    if not sep or not module or not attr:
+        return None
+    return module if module.endswith(".py") or "/" in module or os.sep in module else None
 
 
 def _require(ok: bool, message: str) -> None:
@@ -484,7 +498,7 @@ def normalize_report_to(value: Any) -> list[str]:
 
 
 def _validate(c: GRPOConfig) -> None:
-    one_of("loss_type", c.loss_type, LOSS_TYPES)
+    one_of("loss_type", c.loss_type, CONFIG_LOSS_TYPES)
     one_of("scale_rewards", c.scale_rewards, SCALE_REWARDS)
     one_of("importance_sampling_level", c.importance_sampling_level, IS_LEVELS)
     one_of("vllm_importance_sampling_mode", c.vllm_importance_sampling_mode, IS_MODES)

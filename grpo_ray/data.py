@@ -14,12 +14,13 @@ exact entry and use the task's own grader.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
+
+from grpo_ray.text import suggest
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant. Reason step by step, briefly, "
@@ -171,8 +172,7 @@ def reasoning_gym_names() -> list[str]:
 def _check_rg_task(name: str) -> None:
     names = reasoning_gym_names()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(repr(f'reasoning_gym/{c}') for c in close)}?" if close else ""
+        hint = suggest(name, names, n=3, cutoff=0.5, prefix="reasoning_gym/")
         raise DataError(
             f"unknown reasoning-gym task {name!r}; {hint or 'see reasoning_gym.factory.DATASETS for the list'}"
         )

@@ -23,6 +23,7 @@ from grpo_ray.data import load_datasets
 from grpo_ray.evaluate import evaluate
 from grpo_ray.metrics import METRICS_FILE, check_trackers, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
+from grpo_ray.resources import required_cpus, trainer_bundle
 from grpo_ray.rollout import EngineSpec, RolloutPool, check_reward_functions
 from grpo_ray.sync import resolve_transport
 from grpo_ray.trainer import FATAL_FILE, LoopConfig, run_worker
@@ -40,11 +41,6 @@ class RunResult:
     checkpoint_dir: str | None  # the last checkpoint's HF model folder
     reward_curve: str | None
     eval: dict[str, float] | None = None  # held-out accuracy {"start": .., "end": ..}
-
-
-def required_cpus(cfg: GRPOConfig) -> int:
-    cl = cfg.cluster
-    return int(cl.num_rollout_actors * cl.rollout_num_cpus + cl.num_trainer_workers * cl.trainer_num_cpus + 1)
 
 
 def init_ray(cfg: GRPOConfig) -> None:
@@ -102,22 +98,6 @@ def prepare_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:
-    precision = cfg.resolved_precision(device_supports_bf16=cfg.cluster.use_gpu)
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
-    return EngineSpec(
-        model_path=model_path,
-        dtype=dtype,
-        max_model_len=(cfg.max_prompt_length or 512) + cfg.max_completion_length,
-        seed=cfg.seed,
-        tensor_parallel_size=cfg.cluster.tensor_parallel_size,
-        kv_cache_gib=cfg.cluster.kv_cache_gib,
-        gpu_memory_utilization=cfg.cluster.gpu_memory_utilization,
-        use_gpu=cfg.cluster.use_gpu,
-        env_vars=cfg.process_env(),
-    )
-
-
 def dashboard_running() -> bool:
     try:
         return bool(ray._private.worker.get_dashboard_url())
@@ -143,15 +123,10 @@ def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list |
 
     `callbacks`: extra Ray Train `RunConfig` callbacks (grpo_ray/tuning/trial.py forwards reports to Tune)."""
     cl = cfg.cluster
-    resources: dict[str, float] = {"CPU": cl.trainer_num_cpus}
-    if cl.use_gpu:
-        resources["GPU"] = 1
-    if cl.trainer_resource:
-        resources[cl.trainer_resource] = 0.001
     return GRPOTorchTrainer(
         run_worker,
         train_loop_config={"loop": loop},
-        scaling_config=ScalingConfig(num_workers=cl.num_trainer_workers, use_gpu=cl.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cl.num_trainer_workers, use_gpu=cl.use_gpu, resources_per_worker=trainer_bundle(cl)),
         torch_config=TorchConfig(backend="nccl" if cl.use_gpu else "gloo"),
         run_config=RunConfig(
             name=RUN_NAME,
@@ -189,7 +164,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, callba
     if cfg.eval_at_start_and_end and not resume:
         scores["start"] = held_out_accuracy(cfg, model_path)
         print(f"[grpo-ray] held-out accuracy before training: {scores['start']:.3f}")
-    pool = RolloutPool(cfg, engine_spec(cfg, model_path))
+    pool = RolloutPool(cfg, EngineSpec.from_config(cfg, model_path))
     try:
         transport = resolve_transport(cfg.cluster.weight_sync, cfg.cluster.use_gpu)
         loop = LoopConfig(cfg=cfg.to_dict(), model_path=model_path, pool=pool, transport=transport, output_dir=str(out))

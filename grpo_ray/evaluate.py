@@ -36,8 +36,7 @@ def evaluate(cfg: GRPOConfig, model_path: str, limit: int | None = None, engine:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompt_ids = tokenizer(render_prompts(tokenizer, rows), add_special_tokens=False)["input_ids"]
     if engine is None:
-        spec = EngineSpec(model_path=model_path, max_model_len=(cfg.max_prompt_length or 512) + cfg.max_completion_length, seed=cfg.seed, kv_cache_gib=cfg.cluster.kv_cache_gib)
-        engine = RolloutEngine(spec)
+        engine = RolloutEngine(EngineSpec.from_config(cfg, model_path))
     greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_tokens=cfg.max_completion_length, logprobs=False)
     groups = engine.generate(prompt_ids, greedy, seed=cfg.seed)
     texts = [g.texts[0] for g in groups]

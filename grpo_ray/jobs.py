@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from grpo_ray.config import ConfigError
+from grpo_ray.config import ConfigError, reward_file
+from grpo_ray.text import text_table
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -153,10 +154,9 @@ def local_references(cfg: Any) -> list[tuple[str, str]]:
         if isinstance(value, str) and os.path.isfile(value):
             refs.append((f"data.{name}", value))
     for spec in getattr(cfg, "reward_funcs", None) or []:
-        if isinstance(spec, str) and ":" in spec:
-            mod_part = spec.rsplit(":", 1)[0]
-            if (mod_part.endswith(".py") or "/" in mod_part) and os.path.isfile(mod_part):
-                refs.append(("reward_funcs", mod_part))
+        path = reward_file(spec) if isinstance(spec, str) else None
+        if path and os.path.isfile(path):
+            refs.append(("reward_funcs", path))
     return refs
 
 
@@ -443,13 +443,12 @@ def job_dict(info: Any) -> dict[str, Any]:
 
 
 def format_table(infos: list[Any]) -> str:
-    rows = [("SUBMISSION_ID", "STATUS", "STARTED", "DURATION", "COMMAND")]
+    rows = []
     for info in sorted(infos, key=lambda i: i.start_time or 0):
         meta = info.metadata or {}
         command = f"{meta['grpo_ray_command']} {meta.get('grpo_ray_args', '')}".strip() if "grpo_ray_command" in meta else info.entrypoint
         rows.append((info.submission_id or info.job_id or "-", str(getattr(info.status, "value", info.status)), _when(info.start_time), _duration(info), command[:80]))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+    return text_table(("SUBMISSION_ID", "STATUS", "STARTED", "DURATION", "COMMAND"), rows, markdown=False)
 
 
 # --------------------------------------------------------------------------------------------------

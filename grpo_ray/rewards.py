@@ -7,7 +7,6 @@ Python so the rollout workers can call it inside Ray tasks.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import importlib.util
@@ -21,6 +20,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
+
+from grpo_ray.config import reward_file
+from grpo_ray.text import suggest
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -273,8 +275,7 @@ def resolve_reward_function(spec: str | Callable[..., Any]) -> tuple[str, Reward
     if s in BUILTINS:
         return s, BUILTINS[s]
     if ":" not in s:
-        close = difflib.get_close_matches(s, list(BUILTINS), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = suggest(s, BUILTINS, end=" ")
         raise RewardError(
             f"unknown reward {s!r}; {hint}built-ins: {', '.join(BUILTINS)}; "
             "or give 'package.module:function' / 'path/to/file.py:function'"
@@ -282,8 +283,7 @@ def resolve_reward_function(spec: str | Callable[..., Any]) -> tuple[str, Reward
     mod_part, attr = s.rsplit(":", 1)
     if not mod_part or not attr:
         raise RewardError(f"reward {s!r} must look like 'package.module:function' or 'path/to/file.py:function'")
-    is_file = mod_part.endswith(".py") or "/" in mod_part or os.sep in mod_part
-    module = _import_file(mod_part, s) if is_file else _import_module(mod_part, s)
+    module = _import_file(mod_part, s) if reward_file(s) else _import_module(mod_part, s)
     if not hasattr(module, attr):
         funcs = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")]
         raise RewardError(

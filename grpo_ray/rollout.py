@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from grpo_ray import sync
 from grpo_ray.algorithm import combine_rewards, group_advantages
 from grpo_ray.config import GRPOConfig, omp_wait_env
+from grpo_ray.resources import engine_bundle
 from grpo_ray.rewards import RewardError, resolve_reward_functions, score
 
 
@@ -67,6 +68,22 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.5
     use_gpu: bool = False
     env_vars: dict[str, str] = field(default_factory=dict)  # the engine process's extra environment
+
+    @classmethod
+    def from_config(cls, cfg: GRPOConfig, model_path: str) -> "EngineSpec":
+        """The engine a run's config asks for (training's rollout engines and held-out eval alike)."""
+        precision = cfg.resolved_precision(device_supports_bf16=cfg.cluster.use_gpu)
+        return cls(
+            model_path=model_path,
+            dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
+            max_model_len=(cfg.max_prompt_length or 512) + cfg.max_completion_length,
+            seed=cfg.seed,
+            tensor_parallel_size=cfg.cluster.tensor_parallel_size,
+            kv_cache_gib=cfg.cluster.kv_cache_gib,
+            gpu_memory_utilization=cfg.cluster.gpu_memory_utilization,
+            use_gpu=cfg.cluster.use_gpu,
+            env_vars=cfg.process_env(),
+        )
 
 
 @dataclass
@@ -276,11 +293,7 @@ class RolloutPool:
 
     def __init__(self, cfg: GRPOConfig, spec: EngineSpec) -> None:
         cl = cfg.cluster
-        bundle: dict[str, float] = {"CPU": cl.rollout_num_cpus}
-        if cl.use_gpu:
-            bundle["GPU"] = cl.tensor_parallel_size
-        if cl.rollout_resource:
-            bundle[cl.rollout_resource] = 0.001
+        bundle = engine_bundle(cl)
         self.placement: PlacementGroup = placement_group([dict(bundle) for _ in range(cl.num_rollout_actors)], strategy="PACK")
         ray.get(self.placement.ready())
         self.spec = spec

@@ -29,7 +29,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-TRANSPORTS = ("gloo", "nccl", "object_store")
+from grpo_ray.config import TRANSPORTS
 
 
 @dataclass(frozen=True)

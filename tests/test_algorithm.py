@@ -380,7 +380,7 @@ def test_entropy_bonus_matches_trl(top_entropy_quantile):
     assert "policy_loss" in metrics
 
 
-@pytest.mark.parametrize("mode", alg.VLLM_IS_MODES)
+@pytest.mark.parametrize("mode", alg.IS_MODES)
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "vespo"])
 @pytest.mark.parametrize("clip_min", [None, 0.9])
 def test_vllm_importance_sampling_matches_trl(mode, loss_type, clip_min):
@@ -409,7 +409,7 @@ def test_sampling_logps_without_correction_only_feed_the_off_policy_mask():
     _compare(seed=9, trl_kw=trl_kw, with_sampling=True)
 
 
-@pytest.mark.parametrize("mode", alg.VLLM_IS_MODES)
+@pytest.mark.parametrize("mode", alg.IS_MODES)
 def test_vllm_is_ratio_helper_matches_trl(mode):
     x = _batch(11)
     ratio, _ = _trl_is_ratio(x.old, x.sampling, x.mask, mode, 0.8, 1.25)

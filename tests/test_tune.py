@@ -25,7 +25,8 @@ import pytest
 from grpo_ray.checkpoints import LINEAGE_FILE, latest_complete_checkpoint, restore_point, seed_run_from_checkpoint
 from grpo_ray.cli import builtin_config, main
 from grpo_ray.config import PRESETS, ConfigError, GRPOConfig
-from grpo_ray.tuning.admission import TRIAL_HEAD_BUNDLE, check_capacity, trial_bundles
+from grpo_ray.resources import run_bundles as trial_bundles
+from grpo_ray.tuning.admission import TRIAL_HEAD_BUNDLE, check_capacity
 from grpo_ray.tuning.report import BEST_FILE, CURVES_FILE, TABLE_CSV, TrialRecord, best_record, summarize, write_summary
 from grpo_ray.tuning.space import load_study, make_scheduler, param_space, sample_overrides, trial_config
 from grpo_ray.tuning.study import STUDY_FILE
@@ -180,7 +181,7 @@ def test_a_trial_bigger_than_the_cluster_is_an_error_when_it_cannot_grow(ray_loc
 
 
 def test_trainer_bundle_matches_what_the_driver_requests(tmp_path):
-    """trial_bundles mirrors driver.make_trainer: if the driver's request changes, this fails."""
+    """What a trial is admitted for is what driver.make_trainer requests (grpo_ray/resources.py owns both)."""
     from grpo_ray.driver import make_trainer
 
     cfg = quick().with_overrides({"cluster": {"trainer_num_cpus": 2, "trainer_resource": "trainer"}})

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from grpo_ray.config import ConfigError, GRPOConfig
+from grpo_ray.resources import run_bundles, total
 from grpo_ray.tuning.space import Study
 
 # Tune's placement group per trial holds the trial's driver process only: 1 byte of memory, no
@@ -35,33 +36,6 @@ ADMISSION_NAMESPACE = "grpo_ray"
 
 def log(message: str) -> None:
     print(f"[grpo-ray tune] {message}", flush=True)
-
-
-def trial_bundles(cfg: GRPOConfig) -> list[dict[str, float]]:
-    """What one trial's run holds: its engines' and trainers' bundles (as RolloutPool and
-    driver.make_trainer request them) and headroom for its reward-scoring tasks."""
-    cl = cfg.cluster
-    engine: dict[str, float] = {"CPU": float(cl.rollout_num_cpus)}
-    trainer: dict[str, float] = {"CPU": float(cl.trainer_num_cpus)}
-    if cl.use_gpu:
-        engine["GPU"] = float(cl.tensor_parallel_size)
-        trainer["GPU"] = 1.0
-    if cl.rollout_resource:
-        engine[cl.rollout_resource] = 0.001
-    if cl.trainer_resource:
-        trainer[cl.trainer_resource] = 0.001
-    bundles = [dict(engine) for _ in range(cl.num_rollout_actors)] + [dict(trainer) for _ in range(cl.num_trainer_workers)]
-    if cl.reward_num_cpus > 0:
-        bundles.append({"CPU": float(cl.reward_num_cpus)})
-    return bundles
-
-
-def _total(bundles: list[dict[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for bundle in bundles:
-        for key, value in bundle.items():
-            out[key] = out.get(key, 0.0) + value
-    return out
 
 
 class _AdmissionTicket:
@@ -106,7 +80,7 @@ class Admission:
             ready, _ = ray.wait([probe.ready()], timeout=30)
             if ready:
                 break
-            log(f"{self.holder}: waiting for {_total(self.bundles)} (the whole trial at once; an autoscaler adds nodes for it)")
+            log(f"{self.holder}: waiting for {total(self.bundles)} (the whole trial at once; an autoscaler adds nodes for it)")
         remove_placement_group(probe)
         return time.monotonic() - t0
 
@@ -123,7 +97,7 @@ class Admission:
 
 def study_ray_cpus(study: Study, max_concurrent: int) -> int:
     cfg = study.base_config()
-    need = _total(trial_bundles(cfg)).get("CPU", 0.0)
+    need = total(run_bundles(cfg)).get("CPU", 0.0)
     return max(int(math.ceil(need * max_concurrent)) + 1, cfg.cluster.num_cpus or 0)
 
 
@@ -134,7 +108,7 @@ def check_capacity(study: Study, fixed_size: bool) -> None:
     import ray
     from ray._private.state import state as ray_state
 
-    need = _total(trial_bundles(study.base_config()))
+    need = total(run_bundles(study.base_config()))
     try:
         limit = ray_state.get_max_resources_from_cluster_config()
     except Exception:  # noqa: BLE001 - no autoscaler config to read

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_ray.config import GRPOConfig
+from grpo_ray.text import text_table
 from grpo_ray.tuning.space import Study, trial_config
 
 TABLE_CSV = "trials.csv"
@@ -101,18 +102,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no trials)"
     headers = list(rows[0].keys())
-
-    def cell(value: Any) -> str:
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return "" if value is None else str(value)
-
-    table = [[cell(r.get(h)) for h in headers] for r in rows]
-    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(t) for t in table)])
+    return text_table(headers, [[r.get(h) for h in headers] for r in rows])
 
 
 def write_table(rows: list[dict[str, Any]], study_dir: Path) -> str:

@@ -4,7 +4,6 @@ base config, validated as one-line errors before anything starts, and the Tune o
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import itertools
 import math
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_ray.config import ALIASES, PRESETS, ConfigError, GRPOConfig, merge, one_of, read_yaml
+from grpo_ray.text import suggest
 
 SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCHERS = ("random", "optuna", "hyperopt")
@@ -79,8 +79,7 @@ def parse_dim(key: str, spec: Any, where: str) -> Dim:
         raise ConfigError(f"{where}: space.{key}: expected one distribution, {example}; put fixed values under `fixed:`")
     kind, args = next(iter(spec.items()))
     if kind not in DISTRIBUTIONS:
-        close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = suggest(kind, DISTRIBUTIONS, end=" ")
         raise ConfigError(f"{where}: space.{key}: unknown distribution {kind!r}: {hint}use one of {', '.join(DISTRIBUTIONS)}")
     if not isinstance(args, (list, tuple)) or not args:
         raise ConfigError(f"{where}: space.{key}: {kind} needs a list, e.g. {kind}: [{'1.0e-6, 1.0e-4' if kind in ('loguniform', 'uniform') else '...'}]")
@@ -254,14 +253,13 @@ def load_study(space_file: str | Path, base: GRPOConfig, overrides: dict[str, An
             raise ConfigError(f"{path}: no `space:` section: put the searched keys under space:")
         names = {f.name for f in dataclasses.fields(GRPOConfig)} | set(ALIASES) | {PRESET_KEY}
         for key in raw:
-            close = difflib.get_close_matches(str(key), STUDY_KEYS, n=1)
-            if str(key).split(".")[0] not in names and close:
-                raise ConfigError(f"{path}: unknown study key {key!r}: did you mean {close[0]!r}?")
+            hint = suggest(key, STUDY_KEYS)
+            if str(key).split(".")[0] not in names and hint:
+                raise ConfigError(f"{path}: unknown study key {key!r}: {hint}")
         raw = {"space": raw}  # the file is the space itself
     for key in raw:
         if key not in STUDY_KEYS:
-            close = difflib.get_close_matches(str(key), STUDY_KEYS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = suggest(key, STUDY_KEYS, end=" ")
             raise ConfigError(f"{path}: unknown study key {key!r}: {hint}use {', '.join(STUDY_KEYS)} (config keys go under space: or fixed:)")
     if not isinstance(raw["space"], dict):
         raise ConfigError(f"{path}: space: expected a mapping of config keys to distributions")

@@ -14,7 +14,8 @@ from ray.tune import Trainable
 from grpo_ray.checkpoints import RUN_FILE, export_for_tune, latest_checkpoint, seed_run_from_checkpoint
 from grpo_ray.driver import held_out_accuracy, train
 from grpo_ray.models import resolve_model_path
-from grpo_ray.tuning.admission import TRIAL_HEAD_BUNDLE, Admission, log, trial_bundles
+from grpo_ray.resources import run_bundles
+from grpo_ray.tuning.admission import TRIAL_HEAD_BUNDLE, Admission, log
 from grpo_ray.tuning.space import Study, trial_config
 
 RUN_DIR = "run"  # a trial's GRPO output_dir, inside its Tune trial dir
@@ -91,7 +92,7 @@ class GRPOTrial(Trainable):
         resume = self.restored or ((self.out / RUN_FILE).is_file() and latest_checkpoint(self.out) is not None)
         if self.cfg.eval_at_start_and_end and not resume:
             self.extra["eval_accuracy_start"] = held_out_accuracy(self.cfg, resolve_model_path(self.cfg.model_name_or_path))
-        self.gate = Admission(trial_bundles(self.cfg), holder=f"trial {self.trial_id}")
+        self.gate = Admission(run_bundles(self.cfg), holder=f"trial {self.trial_id}")
         waited = self.gate.acquire()
         log(f"trial {self.trial_id} admitted after {waited:.0f}s: {json.dumps(self.config)}")
         self.reports = Queue(maxsize=1, actor_options={"num_cpus": 0})

@@ -1,0 +1,56 @@
+"""Resources: the Ray bundles a run asks for, computed once for every place that requests or counts them.
+
+`RolloutPool` places one `engine_bundle` per vLLM engine, `driver.make_trainer` asks Ray Train for
+one `trainer_bundle` per worker, the embedded Ray is sized by `required_cpus`, and a Tune trial
+is admitted for all of `run_bundles` at once (tuning/admission.py).
+"""
+
+from __future__ import annotations
+
+from grpo_ray.config import ClusterConfig, GRPOConfig
+
+ROLE_AMOUNT = 0.001  # of a node-role resource (cluster.rollout_resource / trainer_resource): "on such a node"
+
+
+def engine_bundle(cl: ClusterConfig) -> dict[str, float]:
+    """One vLLM engine: its CPUs, its tensor-parallel GPUs, and the node role it needs."""
+    bundle = {"CPU": float(cl.rollout_num_cpus)}
+    if cl.use_gpu:
+        bundle["GPU"] = float(cl.tensor_parallel_size)
+    if cl.rollout_resource:
+        bundle[cl.rollout_resource] = ROLE_AMOUNT
+    return bundle
+
+
+def trainer_bundle(cl: ClusterConfig) -> dict[str, float]:
+    """One Ray Train worker: its CPUs, one GPU, and the node role it needs."""
+    bundle = {"CPU": float(cl.trainer_num_cpus)}
+    if cl.use_gpu:
+        bundle["GPU"] = 1.0
+    if cl.trainer_resource:
+        bundle[cl.trainer_resource] = ROLE_AMOUNT
+    return bundle
+
+
+def run_bundles(cfg: GRPOConfig, rewards: bool = True) -> list[dict[str, float]]:
+    """Everything one run holds: a bundle per engine and per trainer worker, and (`rewards`) the
+    headroom its reward-scoring tasks reserve (`cluster.reward_num_cpus`; none by default)."""
+    cl = cfg.cluster
+    bundles = [engine_bundle(cl) for _ in range(cl.num_rollout_actors)] + [trainer_bundle(cl) for _ in range(cl.num_trainer_workers)]
+    if rewards and cl.reward_num_cpus > 0:
+        bundles.append({"CPU": float(cl.reward_num_cpus)})
+    return bundles
+
+
+def total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    """The sum of each resource over `bundles`."""
+    out: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def required_cpus(cfg: GRPOConfig) -> int:
+    """Logical CPUs of an embedded Ray: the engines' and trainer workers' bundles, plus 1 for the driver."""
+    return int(total(run_bundles(cfg, rewards=False)).get("CPU", 0.0)) + 1

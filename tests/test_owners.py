@@ -1,0 +1,89 @@
+"""One owner per concept (issue 20): the shared helpers every caller now uses, checked on the
+values the callers used to compute themselves. No Ray, no vLLM (a GPU config is only a dataclass)."""
+
+from __future__ import annotations
+
+import pytest
+
+from grpo_ray import algorithm, sync
+from grpo_ray.config import CONFIG_LOSS_TYPES, IS_MODES, LOSS_TYPES, TRANSPORTS, ConfigError, GRPOConfig, reward_file
+from grpo_ray.jobs import local_references
+from grpo_ray.resources import engine_bundle, required_cpus, run_bundles, total, trainer_bundle
+from grpo_ray.rollout import EngineSpec
+from grpo_ray.text import suggest, text_table
+from tests.conftest import quick_config
+
+
+def test_suggest_phrases_the_closest_choices_or_nothing():
+    assert suggest("lerning_rate", ["learning_rate", "beta"]) == "did you mean 'learning_rate'?"
+    assert suggest("zero_stag", ["zero_stage"], prefix="cluster.") == "did you mean 'cluster.zero_stage'?"
+    assert suggest("chain_su", ["chain_sum", "chain_sub", "basic"], n=3, cutoff=0.5, prefix="rg/") == "did you mean 'rg/chain_sum', 'rg/chain_sub'?"
+    assert suggest(3, (0, 1, 2, 3), end=" ") == "did you mean '3'? "
+    assert suggest("xyz", ["learning_rate"], end=" ") == ""
+
+
+def test_text_table_markdown_and_plain():
+    rows = [["a", 0.123456, True, None], ["bb", 2.0, False, "x"]]
+    assert text_table(["trial", "lr", "done", "note"], rows).splitlines() == [
+        "| trial | lr     | done | note |",
+        "|-------|--------|------|------|",
+        "| a     | 0.1235 | yes  |      |",
+        "| bb    | 2      | no   | x    |",
+    ]
+    assert text_table(["ID", "STATUS", "COMMAND"], [["job-1", "RUNNING", "train --quick"]], markdown=False).splitlines() == [
+        "ID     STATUS   COMMAND",
+        "job-1  RUNNING  train --quick",
+    ]
+    assert text_table(["only"], []) == "| only |\n|------|"
+
+
+@pytest.mark.parametrize(
+    "spec, file",
+    [
+        ("accuracy", None),
+        ("my_pkg.rewards:fn", None),
+        ("rewards.py:fn", "rewards.py"),
+        ("dir/rewards:fn", "dir/rewards"),
+        ("/abs/r.py:fn", "/abs/r.py"),
+        ("r.py:", None),
+    ],
+)
+def test_reward_file_is_one_rule(spec, file):
+    assert reward_file(spec) == file
+
+
+def test_reward_file_rule_is_what_absolute_paths_and_job_staging_use(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "rewards").write_text("def fn(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "r.py").write_text("def fn(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    cfg = quick_config(tmp_path, reward_funcs=["accuracy", "dir/rewards:fn", "r.py:fn"])
+    assert cfg.with_absolute_paths().reward_funcs == ["accuracy", f"{tmp_path}/dir/rewards:fn", f"{tmp_path}/r.py:fn"]
+    assert local_references(cfg) == [("reward_funcs", "dir/rewards"), ("reward_funcs", "r.py")]
+
+
+def test_bundles_are_computed_once_for_engines_trainers_and_the_embedded_ray(tmp_path):
+    cfg = quick_config(tmp_path, cluster={"num_rollout_actors": 2, "rollout_num_cpus": 2, "trainer_num_cpus": 1, "rollout_resource": "rollout", "reward_num_cpus": 0.5})
+    cl = cfg.cluster
+    assert engine_bundle(cl) == {"CPU": 2.0, "rollout": 0.001} and trainer_bundle(cl) == {"CPU": 1.0}
+    assert run_bundles(cfg) == [engine_bundle(cl)] * 2 + [trainer_bundle(cl), {"CPU": 0.5}]
+    assert total(run_bundles(cfg)) == {"CPU": 5.5, "rollout": 0.002}
+    assert required_cpus(cfg) == 2 * 2 + 1 + 1  # engines + trainer + the driver; reward headroom is not counted
+    gpu = cfg.with_overrides({"cluster": {"use_gpu": True, "tensor_parallel_size": 2, "rollout_resource": None}})
+    assert engine_bundle(gpu.cluster) == {"CPU": 2.0, "GPU": 2.0} and trainer_bundle(gpu.cluster) == {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_engine_spec_carries_dtype_gpu_and_tensor_parallelism_for_training_and_eval(tmp_path):
+    cfg = quick_config(tmp_path, bf16=True, max_prompt_length=100, max_completion_length=28, cluster={"use_gpu": True, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.7, "kv_cache_gib": 3})
+    spec = EngineSpec.from_config(cfg, "/m")
+    assert (spec.model_path, spec.dtype, spec.max_model_len, spec.seed) == ("/m", "bfloat16", 128, cfg.seed)
+    assert (spec.tensor_parallel_size, spec.use_gpu, spec.gpu_memory_utilization, spec.kv_cache_gib) == (2, True, 0.7, 3)
+    cpu = EngineSpec.from_config(quick_config(tmp_path, async_generation=True), "/m")
+    assert cpu.dtype == "float32" and not cpu.use_gpu and cpu.env_vars == {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_each_choice_list_has_one_owner():
+    assert algorithm.LOSS_TYPES is LOSS_TYPES and sync.TRANSPORTS is TRANSPORTS and algorithm.IS_MODES is IS_MODES
+    assert set(LOSS_TYPES) - set(CONFIG_LOSS_TYPES) == {"vespo"}  # computed by algorithm, not yet selectable
+    with pytest.raises(ConfigError, match=r"loss_type='vespo' is not supported"):
+        GRPOConfig(loss_type="vespo")
