@@ -23,7 +23,8 @@ from grpo_ray.data import load_datasets
 from grpo_ray.evaluate import evaluate
 from grpo_ray.metrics import METRICS_FILE, check_trackers, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
-from grpo_ray.resources import required_cpus, trainer_bundle
+from grpo_ray.ray_compat import GRPOTorchTrainer
+from grpo_ray.resources import engine_bundle, required_cpus, trainer_bundle
 from grpo_ray.rollout import EngineSpec, RolloutPool, check_reward_functions
 from grpo_ray.sync import resolve_transport
 from grpo_ray.trainer import FATAL_FILE, LoopConfig, run_worker
@@ -98,26 +99,6 @@ def prepare_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def dashboard_running() -> bool:
-    try:
-        return bool(ray._private.worker.get_dashboard_url())
-    except Exception:  # noqa: BLE001 - not connected, or a Ray without it
-        return False
-
-
-class GRPOTorchTrainer(TorchTrainer):
-    """`TorchTrainer` minus Ray Train's placement-group cleaner where Ray runs no dashboard (the
-    embedded Ray): the cleaner asks the State API, which the dashboard serves, whether the
-    controller lives, and without it warns on the driver's terminal every second of the run while
-    never cleaning anything. Ray removes a finished run's placement group either way."""
-
-    def _create_default_callbacks(self) -> list:
-        callbacks = super()._create_default_callbacks()
-        if dashboard_running():
-            return callbacks
-        return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
-
-
 def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list | None = None) -> TorchTrainer:
     """Ray Train resumes by itself from the newest checkpoint under the same name and storage path.
 
@@ -145,8 +126,12 @@ def held_out_accuracy(cfg: GRPOConfig, model_path: str) -> float:
     `max_calls=1`: the worker exits after it, or the idle process would keep its vLLM engine
     (4 GiB for SmolLM2) and spend a quarter of a core beside the training that follows (seen in
     the demo: the embedded Ray keeps idle workers for minutes, for the reward tasks). "DEFAULT":
-    never inside the caller's placement group (a Tune trial's holds no CPU)."""
-    task = ray.remote(num_cpus=cfg.cluster.rollout_num_cpus, max_retries=0, max_calls=1)(evaluate).options(scheduling_strategy="DEFAULT")
+    never inside the caller's placement group (a Tune trial's holds no CPU). It asks for what a
+    rollout engine asks for (`resources.engine_bundle`)."""
+    need = engine_bundle(cfg.cluster)
+    cpus, gpus = need.pop("CPU"), need.pop("GPU", 0)
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, resources=need or None, max_retries=0, max_calls=1)(evaluate)
+    task = task.options(scheduling_strategy="DEFAULT")
     return float(ray.get(task.remote(cfg, model_path, cfg.eval_limit)).accuracy)
 
 

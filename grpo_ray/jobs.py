@@ -300,19 +300,9 @@ def use_ray_auth_token() -> bool:
     """Send Ray's auth token when one is available and RAY_AUTH_MODE is unset, as `ray.init` does when
     it joins a cluster (a head started where ~/.ray/auth_token exists requires it). The token comes
     from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; RAY_AUTH_MODE=disabled opts out."""
-    import logging
+    from grpo_ray.ray_compat import enable_job_token_auth
 
-    try:
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    except ImportError:  # a Ray without token authentication
-        return False
-    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = log.level
-    log.setLevel(logging.ERROR)  # its "token authentication is enabled" notice is for cluster starts
-    try:
-        return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
-    finally:
-        log.setLevel(level)
+    return enable_job_token_auth()
 
 
 def connect(address: str | None) -> Any:

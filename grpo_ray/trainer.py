@@ -14,7 +14,6 @@ The maths lives in `grpo_ray.algorithm`; this module only moves tensors through 
 from __future__ import annotations
 
 import json
-import logging
 import random
 import threading
 import time
@@ -33,12 +32,13 @@ import torch
 import torch.distributed as dist
 
 from grpo_ray import sync
-from grpo_ray.checkpoints import load_checkpoint, restore_point, save_checkpoint
 from grpo_ray.algorithm import entropy_from_logits, grpo_loss, selective_log_softmax
+from grpo_ray.checkpoints import load_checkpoint, restore_point, save_checkpoint
 from grpo_ray.config import GRPOConfig, omp_wait_env
 from grpo_ray.data import DataError, PromptSampler, load_datasets, render_prompts
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
+from grpo_ray.ray_compat import quiet_train_report_logs
 from grpo_ray.rewards import RewardError
 from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool
 
@@ -500,16 +500,6 @@ def record_placement(lc: LoopConfig, world: int) -> None:
         Path(lc.output_dir, "placement.json").write_text(json.dumps(record, indent=1))
 
 
-def quiet_report_logs() -> None:
-    """Ray Train V2 logs every report's full metrics dict at INFO; our progress bar says it better."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # pragma: no cover - a Ray without Train V2
-        pass
-
-
 FATAL_FILE = "fatal_error.txt"
 # Errors that a restart from the last checkpoint would only repeat (same data, same seeds).
 FATAL_ERRORS = (RewardError, DataError, TrainingDivergedError)
@@ -542,7 +532,7 @@ def train_loop_per_worker(loop: dict) -> None:
     """Ray Train entry point: build the worker, restore, loop over steps, report."""
     from transformers import AutoTokenizer
 
-    quiet_report_logs()
+    quiet_train_report_logs()
     lc: LoopConfig = loop["loop"]
     cfg = GRPOConfig.from_dict(lc.cfg)
     ctx = ray.train.get_context()

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from grpo_ray.config import ConfigError, GRPOConfig
+from grpo_ray.ray_compat import autoscaler_max_resources
 from grpo_ray.resources import run_bundles, total
 from grpo_ray.tuning.space import Study
 
@@ -106,13 +107,9 @@ def check_capacity(study: Study, fixed_size: bool) -> None:
     size when Ray publishes it, else today's resources -- an error on a fixed-size (embedded)
     cluster, only a warning on a joined one, whose autoscaler may not publish its max."""
     import ray
-    from ray._private.state import state as ray_state
 
     need = total(run_bundles(study.base_config()))
-    try:
-        limit = ray_state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler config to read
-        limit = None
+    limit = autoscaler_max_resources()
     where = "can grow to" if limit else "has"
     binding = bool(limit) or fixed_size
     limit = limit or ray.cluster_resources()

@@ -282,7 +282,7 @@ def load_study(space_file: str | Path, base: GRPOConfig, overrides: dict[str, An
 
 def search_algorithm(study: Study, max_concurrent: int = 0) -> Any:
     if study.search == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+        from ray.tune.search import BasicVariantGenerator
 
         # Tune ignores TuneConfig.max_concurrent_trials for this one: it takes its own.
         return BasicVariantGenerator(random_state=GRPOConfig.from_dict(study.base).seed, max_concurrent=max_concurrent)

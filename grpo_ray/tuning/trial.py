@@ -14,6 +14,7 @@ from ray.tune import Trainable
 from grpo_ray.checkpoints import RUN_FILE, export_for_tune, latest_checkpoint, seed_run_from_checkpoint
 from grpo_ray.driver import held_out_accuracy, train
 from grpo_ray.models import resolve_model_path
+from grpo_ray.ray_compat import trial_dir as trial_dir_of
 from grpo_ray.resources import run_bundles
 from grpo_ray.tuning.admission import TRIAL_HEAD_BUNDLE, Admission, log
 from grpo_ray.tuning.space import Study, trial_config
@@ -54,7 +55,7 @@ class GRPOTrial(Trainable):
 
     def setup(self, config: dict[str, Any], study: dict[str, Any] | None = None) -> None:
         self.spec = Study.from_dict(study or {})
-        trial_dir = Path(getattr(self._storage, "trial_fs_path", None) or self.logdir)
+        trial_dir = Path(trial_dir_of(self))
         self.out = trial_dir / RUN_DIR
         self.cfg = trial_config(self.spec, config, self.out)
         # held-out eval runs here (driver.held_out_accuracy: outside the trial's placement group, which holds no CPU)
