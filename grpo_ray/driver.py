@@ -69,7 +69,7 @@ def init_ray(cfg: GRPOConfig) -> None:
         runtime_env=env,
         log_to_driver=True,
         # Reward tasks run every step; Ray's default kills idle workers above the soft limit after
-        # 1 s, so each step paid ~0.5 CPU-s per task to start fresh workers, beside the update.
+        # 1 s, so each step started fresh workers beside the update (README "Performance").
         _system_config={"idle_worker_killing_time_threshold_ms": 300_000},
     )
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
