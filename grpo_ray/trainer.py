@@ -42,6 +42,7 @@ from grpo_ray.ray_compat import quiet_train_report_logs
 from grpo_ray.rewards import RewardError
 from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool
 
+
 @dataclass
 class LoopConfig:
     """What the driver hands every trainer worker (crosses the process boundary)."""
