@@ -240,7 +240,10 @@ class GRPOConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "GRPOConfig":
-        return cls.from_dict(read_yaml(path, f"config file {str(path)!r} does not exist: check the path"))
+        raw = read_yaml(path, f"config file {str(path)!r} does not exist: check the path")
+        if not raw:  # an empty file would silently train the built-in defaults for minutes
+            raise ConfigError(f"config file {str(path)!r} is empty: add keys (e.g. copy grpo_ray/configs/quick.yaml), or drop --config to run the demo")
+        return cls.from_dict(raw)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "GRPOConfig":
@@ -348,7 +351,9 @@ def parse_override(text: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem}); quote it or fix the brackets") from None
-    for part in reversed(key.strip().split(".")):
+    parts = key.strip().split(".")
+    parts[0] = ALIASES.get(parts[0], parts[0])  # an alias replaces the field's value, never adds a twin
+    for part in reversed(parts):
         node = {part: node}
     return node
 
