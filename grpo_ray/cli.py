@@ -18,7 +18,7 @@ from pathlib import Path
 
 from grpo_ray.config import GRPOConfig, merge, parse_override
 
-USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ModelError", "RunDirError", "TrainingDivergedError")
+USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ModelError", "RunDirError", "TrainingDivergedError", "ClusterError")
 _USER_ERROR_LINE = re.compile(rf"({'|'.join(USER_ERRORS)}): (.+)")
 
 
@@ -181,6 +181,17 @@ def user_error_message(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    from grpo_ray.cluster import connect_abandoned
+
+    if connect_abandoned():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("GRPO_RAY_DEBUG") == "1"
     try:

@@ -83,6 +83,7 @@ class ClusterConfig:
     """Placement and parallelism: the part of a run TRL leaves to `accelerate launch`."""
 
     address: str | None = None  # None: start an embedded local Ray on this machine
+    connect_timeout_s: float = 30.0  # joining `address`: give up (one line, exit 2) after this long
     num_cpus: int | None = None  # logical CPUs of the embedded Ray (None: sized from the run)
     num_rollout_actors: int = 1
     rollout_num_cpus: int = 1
@@ -541,6 +542,7 @@ def _validate(c: GRPOConfig) -> None:
         _require(getattr(cl, name) >= 1, f"cluster.{name}={getattr(cl, name)}: must be >= 1")
     _require(cl.kv_cache_gib > 0, f"cluster.kv_cache_gib={cl.kv_cache_gib}: must be > 0, e.g. 1")
     _require(cl.max_engine_restarts >= 0, f"cluster.max_engine_restarts={cl.max_engine_restarts}: must be >= 0 (0: a dead engine ends the run)")
+    _require(cl.connect_timeout_s > 0, f"cluster.connect_timeout_s={cl.connect_timeout_s}: must be > 0 seconds, e.g. 30")
     _require(cl.reward_timeout_s > 0, f"cluster.reward_timeout_s={cl.reward_timeout_s}: must be > 0 seconds")
     _require(
         not (cl.weight_sync == "nccl" and not cl.use_gpu),

@@ -17,6 +17,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from grpo_ray.cluster import connect
 from grpo_ray.config import GRPOConfig
 from grpo_ray.data import load_datasets
 from grpo_ray.evaluate import evaluate
@@ -63,7 +64,7 @@ def init_ray(cfg: GRPOConfig) -> None:
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll_s}}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env)
+        connect(address, cfg.cluster.connect_timeout_s, runtime_env=env)
         return
     ray.init(
         num_cpus=cfg.cluster.num_cpus or required_cpus(cfg),
