@@ -8,7 +8,6 @@ with one line that says what was tried and how to check it.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from grpo_ray.config import ClusterConfig
+from grpo_ray.logs import quiet_ray_init
 
 DEFAULT_CONNECT_TIMEOUT_S = ClusterConfig.connect_timeout_s
 T = TypeVar("T")
@@ -108,13 +108,6 @@ def connect_abandoned() -> bool:
     return any(t.name == CONNECT_THREAD and t.is_alive() for t in threading.enumerate())
 
 
-class _NotMainThread(logging.Filter):
-    """Drops ray.init's "SIGTERM handler is not set" notice: `connect` sets that handler itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("SIGTERM handler is not set")
-
-
 def connect(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, **init_kwargs: Any) -> None:
     """`ray.init(address=...)` that answers within `timeout_s` for every form (auto, host:port, ray://)."""
     import ray
@@ -124,10 +117,5 @@ def connect(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, **init_k
         # What ray.init does in the main thread (it runs in a helper thread here): SIGTERM exits
         # through atexit, so the driver leaves the cluster cleanly.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    quiet = _NotMainThread()
-    log = logging.getLogger("ray._private.worker")
-    log.addFilter(quiet)
-    try:
-        bounded(lambda: ray.init(address=address, **init_kwargs), address, timeout_s)
-    finally:
-        log.removeFilter(quiet)
+    quiet_ray_init()  # also its "SIGTERM handler is not set" notice: set above instead
+    bounded(lambda: ray.init(address=address, **init_kwargs), address, timeout_s)

@@ -23,6 +23,7 @@ import yaml
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 SCALE_REWARDS = ("group", "batch", "none")
+ALL_NONE_REWARDS = ("error", "warn")
 IS_LEVELS = ("token", "sequence")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 WEIGHT_SYNC = ("auto", "gloo", "nccl", "object_store")
@@ -133,6 +134,9 @@ class GRPOConfig:
     scale_rewards: str = "group"
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     reward_weights: list[float] | None = None
+    # grpo-ray: a step where every reward function returned None for every completion has nothing
+    # to learn from (TRL warns per sample and trains on NaN); "error" stops the run, "warn" goes on
+    all_none_rewards: str = "error"
     num_iterations: int = 1
     mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0
@@ -492,6 +496,7 @@ def normalize_report_to(value: Any) -> list[str]:
 def _validate(c: GRPOConfig) -> None:
     one_of("loss_type", c.loss_type, LOSS_TYPES)
     one_of("scale_rewards", c.scale_rewards, SCALE_REWARDS)
+    one_of("all_none_rewards", c.all_none_rewards, ALL_NONE_REWARDS)
     one_of("importance_sampling_level", c.importance_sampling_level, IS_LEVELS)
     one_of("vllm_importance_sampling_mode", c.vllm_importance_sampling_mode, IS_MODES)
     one_of("lr_scheduler_type", c.lr_scheduler_type, LR_SCHEDULERS)
