@@ -208,3 +208,160 @@ def test_bad_input(name, tmp_path, silent_port, capfd, monkeypatch):
         from grpo_ray.driver import check_output_dir
 
         check_output_dir(GRPOConfig(output_dir=str(out)), resume=False, overwrite=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces behind the rows, checked directly
+# --------------------------------------------------------------------------------------------------
+
+
+def test_metrics_file_stays_strict_json(tmp_path):
+    """A step with no reward scored logs reward_mean NaN: written as null, which every JSON parser
+    reads (Python's json writes a bare NaN by default, which jq / JavaScript reject)."""
+    from grpo_ray.metrics import METRICS_FILE, MetricsLogger, read_metrics, truncate_metrics
+
+    logger = MetricsLogger(tmp_path, GRPOConfig(report_to=[], logging_steps=1))
+    logger.log({"step": 1, "reward_mean": float("nan"), "loss": 0.5, "grad_norm": float("inf")})
+    logger.log({"step": 2, "reward_mean": 0.25, "loss": 0.4})
+    logger.close()
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) for line in lines]
+    assert strict[0]["reward_mean"] is None and strict[0]["grad_norm"] is None and strict[0]["loss"] == 0.5
+    assert strict[1]["reward_mean"] == 0.25
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "reward_mean": NaN}\n{"step": 2, "reward_mean": 1.0}\n')  # an old file
+    truncate_metrics(tmp_path, 1)
+    assert (tmp_path / METRICS_FILE).read_text() == '{"step": 1, "reward_mean": null}\n'
+    assert read_metrics(tmp_path) == [{"step": 1, "reward_mean": None}]
+
+
+def test_all_none_rewards_error_or_warning(capsys):
+    import torch
+
+    from grpo_ray.rewards import RewardError
+    from grpo_ray.rollout import check_some_rewards
+
+    nan = float("nan")
+    cfg = GRPOConfig(reward_funcs=["accuracy"])
+    check_some_rewards(torch.tensor([nan, 1.0, nan]), cfg, step=3)  # one scored: trains on
+    with pytest.raises(RewardError, match="step 3: every reward function \\(accuracy\\) returned None for all 3 completions"):
+        check_some_rewards(torch.tensor([nan, nan, nan]), cfg, step=3)
+    check_some_rewards(torch.tensor([nan, nan]), cfg.with_overrides({"all_none_rewards": "warn"}), step=4)
+    assert "[grpo-ray] warning: step 4: every reward function" in capsys.readouterr().out
+
+
+def test_resume_records_overrides_and_refuses_fixed_keys(tmp_path, capsys):
+    """`--resume DIR --set k=v` used to train with v while DIR/run_config.yaml kept the old value,
+    which the next plain --resume reloaded."""
+    from grpo_ray.driver import RUN_FILE, FIXED_ON_RESUME, RunDirError, check_output_dir, prepare_output_dir
+    from tests.conftest import quick_config
+
+    cfg = quick_config(tmp_path)
+    out = prepare_output_dir(cfg, resume=False, overwrite=False)
+    resumed = cfg.with_overrides({"learning_rate": 5e-4, "max_steps": 20})
+    prepare_output_dir(resumed, resume=True, overwrite=False)
+    assert GRPOConfig.from_yaml(out / RUN_FILE) == resumed
+    printed = capsys.readouterr().out
+    assert "--resume: learning_rate 0.001 -> 0.0005" in printed and "max_steps 10 -> 20" in printed
+    for key, value in (("num_generations", 4), ("data", {"size": 100}), ("cluster", {"zero_stage": 2}), ("model_name_or_path", "smollm2-135m")):
+        with pytest.raises(RunDirError, match="--resume cannot change"):
+            check_output_dir(resumed.with_overrides({key: value}), resume=True, overwrite=False)
+    assert "cluster.zero_stage" in FIXED_ON_RESUME and "learning_rate" not in FIXED_ON_RESUME
+    assert GRPOConfig.from_yaml(out / RUN_FILE) == resumed  # nothing written by the refusals
+
+
+def test_a_run_that_never_logged_a_step_does_not_block_the_next(tmp_path):
+    """A run that failed before step 1 leaves run_config.yaml (and an empty metrics.jsonl): the
+    re-run with the fix starts; one with a logged step still needs --resume or --overwrite."""
+    from grpo_ray.driver import RunDirError, check_output_dir, prepare_output_dir
+    from grpo_ray.metrics import METRICS_FILE
+    from tests.conftest import quick_config
+
+    cfg = quick_config(tmp_path)
+    out = prepare_output_dir(cfg, resume=False, overwrite=False)
+    (out / METRICS_FILE).write_text("")
+    check_output_dir(cfg, resume=False, overwrite=False)
+    (out / METRICS_FILE).write_text('{"step": 1}\n')
+    with pytest.raises(RunDirError, match="already holds a run"):
+        check_output_dir(cfg, resume=False, overwrite=False)
+
+
+def test_worker_output_goes_to_role_files(tmp_path, capsys, monkeypatch):
+    """What Ray hands the driver for each batch of worker lines (the dict its log_to_driver printer
+    gets): all lines to OUTPUT_DIR/logs/ROLE.log, only grpo-ray's to the terminal."""
+    from grpo_ray.logs import WorkerOutput
+
+    monkeypatch.delenv("GRPO_RAY_DEBUG", raising=False)
+    printed = []
+    router = WorkerOutput(ray_printer=printed.append)
+    router.dir = tmp_path / "logs"
+    trace = ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: boom"]
+    router({"pid": 11, "actor_name": "RayTrainWorker", "is_err": True, "lines": trace})
+    router({"pid": 12, "task_name": "_score_task", "is_err": False, "lines": ["[grpo-ray] optim fell back", "noise"]})
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == "[grpo-ray] optim fell back\n"
+    assert (tmp_path / "logs" / "RayTrainWorker.log").read_text().splitlines() == [f"pid=11 {line}" for line in trace]
+    assert "pid=12 noise" in (tmp_path / "logs" / "_score_task.log").read_text()
+    monkeypatch.setenv("GRPO_RAY_DEBUG", "1")  # --debug: Ray's own printer shows everything
+    router({"pid": 11, "actor_name": "RayTrainWorker", "is_err": True, "lines": trace})
+    assert len(printed) == 1 and printed[0]["lines"] == trace
+    router.terminal = False  # after the error line: files only
+    router({"pid": 12, "task_name": "_score_task", "is_err": False, "lines": ["[grpo-ray] late"]})
+    assert capsys.readouterr().out == "" and len(printed) == 1
+
+
+def test_connect_gives_up_on_a_port_that_is_not_ray(silent_port):
+    from grpo_ray.cluster import ClusterError, connect
+
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterError, match="no Ray \\(gRPC\\) server answered within cluster.connect_timeout_s=1s"):
+        connect(f"127.0.0.1:{silent_port}", timeout_s=1)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_bounded_gives_up_on_a_call_that_never_returns():
+    from grpo_ray.cluster import ClusterError, bounded, connect_abandoned
+
+    release = threading.Event()
+    with pytest.raises(ClusterError, match="nothing answered within cluster.connect_timeout_s=0.5s"):
+        bounded(release.wait, "10.0.0.1:6379", 0.5)
+    assert connect_abandoned()  # the CLI leaves with os._exit then
+    release.set()
+    time.sleep(0.2)
+    assert not connect_abandoned()
+    with pytest.raises(ClusterError, match=r"\(ValueError: nope\)|nope"):
+        bounded(lambda: (_ for _ in ()).throw(ValueError("nope")), "h:1", 5)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_with_a_message_and_exit_130(tmp_path):
+    """SIGINT to a real run after its first logged step: Ray Train's own handler used to end the
+    process with exit 1 and no message; now it is the CLI's: one line, exit 130, within seconds."""
+    import signal
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grpo_ray.cli", "train", "--quick", "--output-dir", str(out), "--set", "max_steps=200"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        metrics, deadline = out / "metrics.jsonl", time.time() + SLOW_S
+        while proc.poll() is None and time.time() < deadline:
+            if metrics.is_file() and metrics.read_text().strip():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and metrics.read_text().strip(), proc.communicate()
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    seconds = time.perf_counter() - t0
+    err = stderr.strip().splitlines()
+    assert proc.returncode == 130, (proc.returncode, stdout[-2000:], stderr[-2000:])
+    assert err[-1] == f"grpo-ray: interrupted; continue it with: grpo-ray train --resume {out.resolve()}", err
+    assert all(line.startswith(("[grpo-ray]", "grpo-ray: ")) for line in err), err  # grpo-ray's lines only
+    assert "Traceback" not in stdout + stderr
+    assert seconds < 30, f"stopping took {seconds:.1f}s"
