@@ -17,9 +17,11 @@ from importlib import resources
 from pathlib import Path
 
 from grpo_ray.config import GRPOConfig, merge, parse_override
+from grpo_ray.cluster import connect_abandoned
+from grpo_ray.logs import log_dir, new_command, stop_terminal_output
 from grpo_ray.tuning.space import SCHEDULERS, SEARCHERS
 
-USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ModelError", "RunDirError", "TrainingDivergedError")
+USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ModelError", "RunDirError", "TrainingDivergedError", "ClusterError")
 _USER_ERROR_LINE = re.compile(rf"({'|'.join(USER_ERRORS)}): (.+)")
 
 
@@ -184,20 +186,43 @@ def user_error_message(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("GRPO_RAY_DEBUG") == "1"
+    before = os.environ.get("GRPO_RAY_DEBUG")
+    if debug:
+        os.environ["GRPO_RAY_DEBUG"] = "1"  # grpo_ray/logs.py: every worker line on the terminal too
+    new_command()
+    try:
+        code = _run(args, debug)
+    finally:
+        if before is None:
+            os.environ.pop("GRPO_RAY_DEBUG", None)
+    if connect_abandoned():  # a connect thread is stuck inside Ray: leave without interpreter shutdown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("grpo-ray: interrupted", file=sys.stderr)
+        stop_terminal_output()
+        logs = log_dir()
+        hint = f"; continue it with: grpo-ray train --resume {logs.parent}" if logs is not None and args.command == "train" else ""
+        print(f"grpo-ray: interrupted{hint}", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - the top of the program: report, then exit
         message = user_error_message(exc)
         if message is None:
             found = _USER_ERROR_LINE.findall(str(exc))
             message = found[-1][1].strip() if found else None
+        stop_terminal_output()  # the error line comes last: later worker lines go to the log files
         if debug or message is None:
             traceback.print_exc()
         if message is not None:
-            print(f"grpo-ray: error: {message}", file=sys.stderr)
+            logs = log_dir()
+            where = f" (details: {logs})" if logs is not None and logs.is_dir() and not debug else ""
+            print(f"grpo-ray: error: {message}{where}", file=sys.stderr, flush=True)
             return 2
         return 1
 

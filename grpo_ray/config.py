@@ -28,6 +28,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 # vllm_importance_sampling_mode check, which this config does not have yet.
 CONFIG_LOSS_TYPES = tuple(t for t in LOSS_TYPES if t != "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
+ALL_NONE_REWARDS = ("error", "warn")
 IS_LEVELS = ("token", "sequence")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -89,6 +90,7 @@ class ClusterConfig:
     """Placement and parallelism: the part of a run TRL leaves to `accelerate launch`."""
 
     address: str | None = None  # None: start an embedded local Ray on this machine
+    connect_timeout_s: float = 30.0  # joining `address`: give up (one line, exit 2) after this long
     num_cpus: int | None = None  # logical CPUs of the embedded Ray (None: sized from the run)
     num_rollout_actors: int = 1
     rollout_num_cpus: int = 1
@@ -138,6 +140,9 @@ class GRPOConfig:
     scale_rewards: str = "group"
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     reward_weights: list[float] | None = None
+    # grpo-ray: a step where every reward function returned None for every completion has nothing
+    # to learn from (TRL warns per sample and trains on NaN); "error" stops the run, "warn" goes on
+    all_none_rewards: str = "error"
     num_iterations: int = 1
     mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0
@@ -246,7 +251,10 @@ class GRPOConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "GRPOConfig":
-        return cls.from_dict(read_yaml(path, f"config file {str(path)!r} does not exist: check the path"))
+        raw = read_yaml(path, f"config file {str(path)!r} does not exist: check the path")
+        if not raw:  # an empty file would silently train the built-in defaults for minutes
+            raise ConfigError(f"config file {str(path)!r} is empty: add keys (e.g. copy grpo_ray/configs/quick.yaml), or drop --config to run the demo")
+        return cls.from_dict(raw)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "GRPOConfig":
@@ -354,7 +362,9 @@ def parse_override(text: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem}); quote it or fix the brackets") from None
-    for part in reversed(key.strip().split(".")):
+    parts = key.strip().split(".")
+    parts[0] = ALIASES.get(parts[0], parts[0])  # an alias replaces the field's value, never adds a twin
+    for part in reversed(parts):
         node = {part: node}
     return node
 
@@ -499,6 +509,7 @@ def normalize_report_to(value: Any) -> list[str]:
 def _validate(c: GRPOConfig) -> None:
     one_of("loss_type", c.loss_type, CONFIG_LOSS_TYPES)
     one_of("scale_rewards", c.scale_rewards, SCALE_REWARDS)
+    one_of("all_none_rewards", c.all_none_rewards, ALL_NONE_REWARDS)
     one_of("importance_sampling_level", c.importance_sampling_level, IS_LEVELS)
     one_of("vllm_importance_sampling_mode", c.vllm_importance_sampling_mode, IS_MODES)
     one_of("lr_scheduler_type", c.lr_scheduler_type, LR_SCHEDULERS)
@@ -549,6 +560,7 @@ def _validate(c: GRPOConfig) -> None:
         _require(getattr(cl, name) >= 1, f"cluster.{name}={getattr(cl, name)}: must be >= 1")
     _require(cl.kv_cache_gib > 0, f"cluster.kv_cache_gib={cl.kv_cache_gib}: must be > 0, e.g. 1")
     _require(cl.max_engine_restarts >= 0, f"cluster.max_engine_restarts={cl.max_engine_restarts}: must be >= 0 (0: a dead engine ends the run)")
+    _require(cl.connect_timeout_s > 0, f"cluster.connect_timeout_s={cl.connect_timeout_s}: must be > 0 seconds, e.g. 30")
     _require(cl.reward_timeout_s > 0, f"cluster.reward_timeout_s={cl.reward_timeout_s}: must be > 0 seconds")
     _require(
         not (cl.weight_sync == "nccl" and not cl.use_gpu),

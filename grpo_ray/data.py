@@ -249,10 +249,23 @@ def _load_reasoning_gym(cfg: Any, name: str) -> tuple[list[Row], list[Row]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+def _not_utf8(path: str, data: bytes, exc: UnicodeDecodeError, lineno: int | None = None) -> DataError:
+    line = lineno if lineno is not None else data.count(b"\n", 0, exc.start) + 1
+    return DataError(
+        f"{path} line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); re-save the file as UTF-8, "
+        f"e.g. iconv -f latin1 -t utf-8 {path} > fixed.jsonl"
+    )
+
+
+def _read_jsonl(path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Objects and the file line each came from (what every later error names)."""
+    rows, where = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, raw, exc, lineno) from None
             if not line.strip():
                 continue
             try:
@@ -262,13 +275,18 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path} line {lineno} is a {type(obj).__name__}, not a JSON object; one object per line")
             rows.append(obj)
-    return rows
+            where.append(f"line {lineno}")
+    return rows, where
 
 
-def _read_json(path: str) -> list[dict[str, Any]]:
+def _read_json(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     """A ``.json`` file may be a list of objects, ``{"data": [...]}``, or actually JSON lines."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, data, exc) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
@@ -276,39 +294,41 @@ def _read_json(path: str) -> list[dict[str, Any]]:
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if isinstance(obj, dict):
-        return [obj]
+        obj = [obj]
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
         raise DataError(f"{path} must hold a JSON list of objects (or JSON lines); got {type(obj).__name__}")
-    return obj
+    return obj, [f"record {i}" for i in range(1, len(obj) + 1)]
 
 
-def _read_parquet(path: str) -> list[dict[str, Any]]:
+def _read_parquet(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise DataError(f"cannot read parquet file {path}: {type(exc).__name__}: {exc}") from exc
+    return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
-    """Raw records from a local file, with a one-line error for a missing or unsupported file."""
+def read_records(path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Raw records from a local file and where each is in it ("line 7": counted as editors do),
+    with a one-line error for a missing, unsupported or undecodable file."""
     if not os.path.exists(path):
         raise DataError(f"data file {path!r} not found (cwd: {os.getcwd()}); fix the path in data.task/data.eval_split")
     if os.path.isdir(path):
         raise DataError(f"{path!r} is a directory; point data.task at a .jsonl, .json or .parquet file")
     lower = path.lower()
     if lower.endswith(".parquet"):
-        rows = _read_parquet(path)
+        rows, where = _read_parquet(path)
     elif lower.endswith(".json"):
-        rows = _read_json(path)
+        rows, where = _read_json(path)
     elif lower.endswith(".jsonl"):
-        rows = _read_jsonl(path)
+        rows, where = _read_jsonl(path)
     else:
         raise DataError(f"unsupported data file type {path!r}; use .jsonl, .json or .parquet")
     if not rows:
         raise DataError(f"data file {path!r} has no rows; add data or point data.task at another file")
-    return rows
+    return rows, where
 
 
 def _columns(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -345,8 +365,9 @@ def to_prompt(value: Any, system: str | None, where: str) -> list[Message]:
     raise DataError(f"prompt at {where} is a {type(value).__name__}; use a string or a list of chat messages")
 
 
-def records_to_rows(records: Sequence[Mapping[str, Any]], cfg: Any, source: str) -> list[Row]:
-    """Rename the configured prompt/answer columns to ``prompt``/``answer``; keep every other column."""
+def records_to_rows(records: Sequence[Mapping[str, Any]], cfg: Any, source: str, where: Sequence[str] | None = None) -> list[Row]:
+    """Rename the configured prompt/answer columns to ``prompt``/``answer``; keep every other column.
+    ``where``: each record's place in its file (default "row N", counted from 1)."""
     pcol = str(_cfg(cfg, "prompt_column", "prompt"))
     acol = _cfg(cfg, "answer_column", "answer") or None
     cols = _columns(records)
@@ -363,13 +384,13 @@ def records_to_rows(records: Sequence[Mapping[str, Any]], cfg: Any, source: str)
     system = _system_prompt(cfg)
     rows = []
     for i, rec in enumerate(records):
-        where = f"row {i} of {source} (column {pcol!r})"
+        at = f"{where[i] if where else f'row {i + 1}'} of {source}"
         row = {k: v for k, v in rec.items() if k not in (pcol, acol)}
-        row["prompt"] = to_prompt(rec.get(pcol), system, where)
+        row["prompt"] = to_prompt(rec.get(pcol), system, f"{at} (column {pcol!r})")
         if acol is not None:
             ans = rec.get(acol)
             if ans is None:
-                raise DataError(f"missing answer at row {i} of {source} (column {acol!r}); fill it in or drop the row")
+                raise DataError(f"missing answer at {at} (column {acol!r}); fill it in or drop the row")
             row["answer"] = ans if isinstance(ans, str) else json.dumps(ans) if isinstance(ans, (list, dict)) else str(ans)
         rows.append(row)
     return rows
@@ -391,10 +412,12 @@ def split_off_eval(rows: list[Row], eval_size: int, seed: int, source: str) -> t
 
 
 def _load_files(cfg: Any, path: str) -> tuple[list[Row], list[Row]]:
-    train = records_to_rows(read_records(path), cfg, path)
+    records, where = read_records(path)
+    train = records_to_rows(records, cfg, path, where)
     eval_path = _cfg(cfg, "eval_split", None)
     if eval_path:
-        return train, records_to_rows(read_records(str(eval_path)), cfg, str(eval_path))
+        records, where = read_records(str(eval_path))
+        return train, records_to_rows(records, cfg, str(eval_path), where)
     return split_off_eval(train, int(_cfg(cfg, "eval_size", 100)), int(_cfg(cfg, "seed", 0)), path)
 
 

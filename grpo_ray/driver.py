@@ -17,14 +17,17 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from grpo_ray.checkpoints import MODEL_DIR, RUN_FILE, RUN_NAME, latest_checkpoint
+from grpo_ray.checkpoints import MODEL_DIR, RUN_FILE, RUN_NAME, latest_checkpoint, latest_complete_checkpoint
+from grpo_ray.cluster import connect
 from grpo_ray.config import GRPOConfig
 from grpo_ray.data import load_datasets
 from grpo_ray.evaluate import evaluate
-from grpo_ray.metrics import METRICS_FILE, check_trackers, plot_reward_curve, read_metrics
+from grpo_ray.logs import quiet_ray_init, route_worker_output, set_log_dir
+from grpo_ray.metrics import METRICS_FILE, check_trackers, flatten, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
 from grpo_ray.ray_compat import GRPOTorchTrainer
 from grpo_ray.resources import engine_bundle, required_cpus, trainer_bundle
+from grpo_ray.rewards import check_reward_specs
 from grpo_ray.rollout import EngineSpec, RolloutPool, check_reward_functions
 from grpo_ray.sync import resolve_transport
 from grpo_ray.trainer import FATAL_FILE, LoopConfig, run_worker
@@ -53,13 +56,15 @@ def init_ray(cfg: GRPOConfig) -> None:
     The token file is made readable by its owner only."""
     if ray.is_initialized():
         return
+    quiet_ray_init()
     # Ray Train V2 hands each `ray.train.report` over through a queue of one, drained when the
     # controller polls (every 2 s by default): steps faster than that would be held to 2 s each.
     poll_s = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll_s}}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env)
+        connect(address, cfg.cluster.connect_timeout_s, runtime_env=env)
+        route_worker_output()
         return
     ray.init(
         num_cpus=cfg.cluster.num_cpus or required_cpus(cfg),
@@ -72,19 +77,50 @@ def init_ray(cfg: GRPOConfig) -> None:
         # 1 s, so each step started fresh workers beside the update (README "Performance").
         _system_config={"idle_worker_killing_time_threshold_ms": 300_000},
     )
+    route_worker_output()  # workers' lines to OUTPUT_DIR/logs, grpo-ray's to the terminal (grpo_ray/logs.py)
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     if token.is_file():
         token.chmod(0o600)
 
 
+# What a resumed run cannot change: the checkpoint's model and optimizer state, the data order
+# and the batch layout it continues were built from these. Everything else may change, and is recorded.
+FIXED_ON_RESUME = (
+    "model_name_or_path",
+    "data",
+    "seed",
+    "num_generations",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "cluster.num_trainer_workers",
+    "cluster.zero_stage",
+)
+_NOT_COMPARED = ("output_dir", "cluster.address")  # where the run is, not what it is
+
+
+def resume_changes(cfg: GRPOConfig, out: Path) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded, now)} for what this resume changes; a change to FIXED_ON_RESUME is refused."""
+    recorded = flatten(GRPOConfig.from_yaml(out / RUN_FILE).to_dict())
+    now = flatten(cfg.to_dict())
+    changes = {k: (recorded.get(k), now.get(k)) for k in sorted(recorded.keys() | now.keys()) if recorded.get(k) != now.get(k) and k not in _NOT_COMPARED}
+    for key, (old, new) in changes.items():
+        if any(key == f or key.startswith(f + ".") for f in FIXED_ON_RESUME):
+            raise RunDirError(f"--resume cannot change {key} ({old!r} -> {new!r}): the checkpoint was built with it; start a new run (another --output-dir) to change it")
+    return changes
+
+
 def check_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
-    """Refuse to mix runs: an existing run dir needs --resume (same run) or --overwrite. Writes nothing."""
+    """Refuse to mix runs: a dir that holds trained steps needs --resume (same run) or --overwrite.
+    A run that failed before its first logged step (only run_config.yaml) is simply replaced. Writes nothing."""
     out = Path(cfg.output_dir).resolve()
-    has_run = (out / RUN_FILE).is_file() or (out / METRICS_FILE).is_file()
-    if has_run and not (resume or overwrite):
+    started = (out / RUN_FILE).is_file() or (out / METRICS_FILE).is_file()
+    trained = bool(read_metrics(out)) or latest_complete_checkpoint(out) is not None
+    if trained and not (resume or overwrite):
         raise RunDirError(f"output_dir {str(out)!r} already holds a run: pass --resume to continue it or --overwrite to replace it")
-    if resume and not has_run:
+    if resume and not started:
         raise RunDirError(f"--resume: {str(out)!r} holds no run to resume; drop --resume to start one")
+    if resume and (out / RUN_FILE).is_file():
+        resume_changes(cfg, out)
     return out
 
 
@@ -94,8 +130,10 @@ def prepare_output_dir(cfg: GRPOConfig, resume: bool, overwrite: bool) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / FATAL_FILE).unlink(missing_ok=True)  # a resume after a fix gets its retries back
-    if not resume:
-        cfg.to_yaml(out / RUN_FILE)
+    if resume and (out / RUN_FILE).is_file():
+        for key, (old, new) in resume_changes(cfg, out).items():
+            print(f"[grpo-ray] --resume: {key} {old!r} -> {new!r} (recorded in {RUN_FILE})")
+    cfg.to_yaml(out / RUN_FILE)  # what this run trains with: the next plain --resume reloads it
     return out
 
 
@@ -142,7 +180,9 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, callba
     check_trackers(cfg)
     model_path = resolve_model_path(cfg.model_name_or_path)
     load_datasets(cfg.data)  # a bad data file fails here, before OUTPUT_DIR holds anything
+    check_reward_specs(cfg.reward_funcs)  # names and files; importing them runs in a Ray worker
     init_ray(cfg)
+    set_log_dir(Path(cfg.output_dir).resolve())
     check_reward_functions(cfg.reward_funcs, cfg.cluster.reward_timeout_s)
     out = prepare_output_dir(cfg, resume, overwrite)
     scores: dict[str, float] = {}

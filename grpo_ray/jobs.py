@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from grpo_ray.cluster import DEFAULT_CONNECT_TIMEOUT_S, ClusterError, bounded, probe
 from grpo_ray.config import ConfigError, reward_file
 from grpo_ray.text import text_table
 
@@ -305,18 +306,18 @@ def use_ray_auth_token() -> bool:
     return enable_job_token_auth()
 
 
-def connect(address: str | None) -> Any:
-    """A JobSubmissionClient for the cluster's dashboard, or a one-line JobError."""
+def connect(address: str | None, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> Any:
+    """A JobSubmissionClient for the cluster's dashboard within `timeout_s`, or a one-line JobError."""
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address)
     use_ray_auth_token()
     try:
-        return JobSubmissionClient(address)
-    except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, ...: all mean "cannot reach"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        probe(address, timeout_s)
+        return bounded(lambda: JobSubmissionClient(address), address, timeout_s)
+    except ClusterError as exc:
         raise JobError(
-            f"cannot reach the Ray job server at {address} ({detail}); start one with `ray start --head` or pass "
+            f"cannot reach the Ray job server at {address} ({exc.reason}); start one with `ray start --head` or pass "
             "--address http://HEAD:8265 (on Kubernetes: kubectl port-forward svc/CLUSTER-head-svc 8265:8265)"
         ) from exc
 

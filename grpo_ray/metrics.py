@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,13 @@ from grpo_ray.config import ConfigError, GRPOConfig
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "reward_curve.png"
 TRACKERS_FILE = "trackers.json"  # MLflow / W&B run ids, so --resume continues the same runs
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One metrics line of strict JSON: a NaN/inf value (no reward scored, say) is written as null,
+    since `NaN` is not JSON and strict parsers (jq, JavaScript, Go) reject the whole file."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -32,7 +40,7 @@ def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
     path = Path(output_dir) / METRICS_FILE
     rows = [r for r in read_metrics(output_dir) if r.get("step", 0) <= last_step]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text("".join(json_line(r) for r in rows))
     os.replace(tmp, path)
 
 
@@ -168,7 +176,7 @@ class MetricsLogger:
             return
         row = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()}
         row["time"] = round(time.time(), 3)  # wall clock: reward vs wall time, step-to-step overheads
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json_line(row))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         for tracker in self.trackers.values():
             tracker.log(numeric, step)
@@ -181,7 +189,7 @@ class MetricsLogger:
 
 
 def plot_reward_curve(output_dir: str | Path, label: str | None = None) -> Path | None:
-    rows = [r for r in read_metrics(output_dir) if "reward_mean" in r]
+    rows = [r for r in read_metrics(output_dir) if r.get("reward_mean") is not None]
     if not rows:
         return None
     import matplotlib
@@ -191,7 +199,7 @@ def plot_reward_curve(output_dir: str | Path, label: str | None = None) -> Path 
 
     steps = [r["step"] for r in rows]
     mean = [r["reward_mean"] for r in rows]
-    std = [r.get("reward_std", 0.0) for r in rows]
+    std = [r.get("reward_std") or 0.0 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, mean, alpha=0.5, label=label or "reward_mean")
     window = max(1, min(10, len(mean) // 5))

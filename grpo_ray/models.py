@@ -16,6 +16,7 @@ crash mid-build never leave a half-written model behind.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -50,14 +51,45 @@ def resolve_model_path(name: str) -> str:
         return str(build_once(name, build_tiny_model))
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model_name_or_path={name!r}: folder has no config.json; point it at a Hugging Face model folder (save_pretrained output)")
+        check_model_folder(path, name)
         return str(path.resolve())
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(
             f"model_name_or_path={name!r} does not exist: use a local HF folder, or a built-in ({', '.join(SMOLLM2_NAMES[:1] + TINY_NAMES)})"
         )
     return name  # a hub id: transformers / vLLM download it where a network exists
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_model_folder(path: Path, name: str) -> None:
+    """A local folder holds what transformers and vLLM load (config, tokenizer, every weight
+    file), checked before Ray starts: otherwise the engine finds the gap tens of seconds in."""
+    where = f"model_name_or_path={name!r}"
+    fix = "point it at a complete Hugging Face model folder (save_pretrained output of the model and its tokenizer)"
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{where}: folder has no config.json; {fix}")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{where}: {config} is not valid JSON ({exc}); re-save the model") from None
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{where}: folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer there too (tokenizer.save_pretrained)")
+    for index in (path / f for f in WEIGHT_INDEXES):
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ModelError(f"{where}: {index.name} has no weight_map; re-save the model") from None
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise ModelError(f"{where}: {len(missing)} of {len(shards)} weight shards named in {index.name} are missing ({', '.join(missing[:3])}); copy the whole folder")
+            return
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise ModelError(f"{where}: folder has no weights (*.safetensors or pytorch_model.bin); {fix}")
 
 
 def build_once(key: str, build: Callable[[Path], None]) -> Path:

@@ -20,6 +20,12 @@ still exists, so a Ray upgrade that moves one fails there, loudly, rather than m
                                                    (Tune's public `get_context()` serves function trainables)
     ray.init(_node_ip_address=, _system_config=    the embedded Ray (driver.init_ray): bind to loopback
       {"idle_worker_killing_time_threshold_ms"})   where Ray allows it; keep idle reward workers alive
+    ray._private.worker.                           where log_to_driver's worker lines go (grpo_ray/logs.py
+      global_worker_stdstream_dispatcher           sends them to OUTPUT_DIR/logs, only ours to the terminal)
+    ray._private.worker (its module logger)        ray.init's routine start notices (logs.quiet_ray_init)
+    TorchTrainer._register_sigint_handler          Ctrl-C: Ray Train exits 1 with no message from inside
+                                                   its handler; ours aborts the same way, then raises
+                                                   KeyboardInterrupt so the CLI exits 130 and says so
 
 It imports only Ray (Ray Train at import: jobs.py, which must stay light, imports it lazily).
 """
@@ -27,14 +33,19 @@ It imports only Ray (Ray Train at import: jobs.py, which must stay light, import
 from __future__ import annotations
 
 import logging
-from typing import Any
+import signal
+import sys
+from typing import Any, Callable
 
+import ray
 from ray.train.torch import TorchTrainer
 
 PG_CLEANER_CALLBACK = "PlacementGroupCleanerCallback"
 IDLE_WORKER_KILLING_KEY = "idle_worker_killing_time_threshold_ms"  # a Ray `_system_config` key (driver.init_ray)
 INIT_PRIVATE_KWARGS = ("_node_ip_address", "_system_config")  # ray.init arguments driver.init_ray passes
 TOKEN_SETUP_MODULE = "ray._private.authentication.authentication_token_setup"
+RAY_WORKER_LOGGER = "ray._private.worker"  # logs ray.init's start notices
+RAY_PRINTER = "ray_print_logs"  # the name Ray gives its log_to_driver handler
 
 
 def dashboard_running() -> bool:
@@ -52,6 +63,22 @@ class GRPOTorchTrainer(TorchTrainer):
     embedded Ray): the cleaner asks the State API, which the dashboard serves, whether the
     controller lives, and without it warns on the driver's terminal every second of the run while
     never cleaning anything. Ray removes a finished run's placement group either way."""
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        """Ctrl-C: Ray Train's own handler aborts the run, then exits through sys.exit inside a
+        signal handler (exit code 1, no message). This one aborts the same way, then raises
+        KeyboardInterrupt, so the CLI says what happened and exits 130."""
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+            print("[grpo-ray] interrupted: stopping the run (its checkpoints are kept) ...", file=sys.stderr, flush=True)
+            try:
+                ray.get(controller.abort.remote())
+            except ray.exceptions.RayActorError:
+                pass  # the controller ends itself while aborting
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
 
     def _create_default_callbacks(self) -> list:
         callbacks = super()._create_default_callbacks()
@@ -101,3 +128,16 @@ def trial_dir(trainable: Any) -> str:
     """A class trainable's trial dir in the study's storage (its local log dir if it has none)."""
     storage = getattr(trainable, "_storage", None)
     return getattr(storage, "trial_fs_path", None) or trainable.logdir
+
+
+def swap_log_to_driver_handler(name: str, handler: Callable[[dict], None]) -> Callable[[dict], None] | None:
+    """Replace Ray's log_to_driver printer with `handler` (registered as `name`); returns Ray's printer,
+    or None where log_to_driver is off. Ray has no public hook for where those lines go."""
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    printer = next((h for n, h in dispatcher.handlers if n == RAY_PRINTER), None)
+    dispatcher.remove_handler(RAY_PRINTER)
+    dispatcher.remove_handler(name)
+    dispatcher.add_handler(name, handler)
+    return printer

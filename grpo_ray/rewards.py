@@ -295,6 +295,20 @@ def resolve_reward_function(spec: str | Callable[..., Any]) -> tuple[str, Reward
     return s, fn
 
 
+def check_reward_specs(specs: Sequence[str | Callable[..., Any]]) -> None:
+    """What can be checked without running user code (the driver does this before Ray starts):
+    built-in names exist and reward files are there. Importing them is `resolve_reward_functions`."""
+    for spec in [specs] if isinstance(specs, str) else specs:
+        if callable(spec):
+            continue
+        s = str(spec).strip()
+        mod_part = s.rsplit(":", 1)[0] if ":" in s else None
+        if mod_part is None:
+            resolve_reward_function(s)  # a built-in, or one line naming the closest
+        elif (mod_part.endswith(".py") or "/" in mod_part) and not os.path.isfile(mod_part):
+            raise RewardError(f"reward {s!r}: file {mod_part!r} not found (cwd: {os.getcwd()}); fix the path")
+
+
 def resolve_reward_functions(specs: Sequence[str | Callable[..., Any]]) -> list[tuple[str, RewardFn]]:
     """Resolve every spec up front so a typo fails before any GPU time is spent."""
     if isinstance(specs, str):

@@ -453,6 +453,22 @@ def check_reward_functions(specs: list[str], timeout_s: float) -> None:
     _reward_result(ref)
 
 
+def check_some_rewards(rewards: torch.Tensor, cfg: GRPOConfig, step: int) -> None:
+    """A step where no completion got a reward (every function returned None for every sample)
+    would train on nothing with reward_mean NaN, silently: an error, or a warning with
+    all_none_rewards: warn."""
+    if len(rewards) == 0 or not bool(torch.isnan(rewards).all()):
+        return
+    message = (
+        f"step {step}: every reward function ({', '.join(map(str, cfg.reward_funcs))}) returned None for all "
+        f"{len(rewards)} completions, so there is nothing to learn from; make one return a float "
+        "(check the dataset has the columns it reads), or set all_none_rewards: warn to train on"
+    )
+    if cfg.all_none_rewards == "error":
+        raise RewardError(message)
+    print(f"[grpo-ray] warning: {message}")
+
+
 # ------------------------------------------------------------------------- the rollout step
 class Rollout:
     """Generate-and-score: prompt rows in, a scored `RolloutBatch` out (TRL's first half)."""
@@ -488,6 +504,7 @@ class Rollout:
             cfg.reward_funcs, prompts, completions, columns, cfg.cluster.reward_timeout_s, num_cpus=cfg.cluster.reward_num_cpus
         )
         rewards = combine_rewards(per_func, cfg.reward_weights)
+        check_some_rewards(rewards, cfg, step)
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         score_s = time.perf_counter() - t1
 

@@ -75,6 +75,7 @@ NOT_IN_TRL = {
     "async_generation",  # overlap generation with the update (TRL 1.16 has no async GRPOConfig)
     "max_staleness",
     "max_bad_steps",  # NaN/inf updates skipped; this many in a row stop the run
+    "all_none_rewards",  # a step where every reward function returns None for every sample: error (default) or warn
     "shared_prompt_packing",  # the update runs each prompt once for several completions (exact)
     "data",
     "cluster",
@@ -458,8 +459,18 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     assert "mapping" in _error(exc_info)
 
 
-def test_empty_yaml_is_the_defaults(tmp_path):
-    assert GRPOConfig.from_yaml(_write(tmp_path, "# nothing\n")) == GRPOConfig()
+def test_empty_yaml_is_refused(tmp_path):
+    """An empty file used to train the built-in defaults (not even the demo) for minutes, silently."""
+    with pytest.raises(ConfigError) as exc_info:
+        GRPOConfig.from_yaml(_write(tmp_path, "# nothing\n"))
+    assert "is empty" in _error(exc_info)
+
+
+def test_override_through_an_alias_replaces_the_field():
+    """`--set max_new_tokens=8` on a config that holds max_completion_length: one value, the new one."""
+    cfg = GRPOConfig().with_overrides(parse_override("max_new_tokens=8"))
+    assert cfg.max_completion_length == 8
+    assert GRPOConfig.from_dict(merge(GRPOConfig().to_dict(), parse_override("model=tiny-arith"))).model_name_or_path == "tiny-arith"
 
 
 def test_missing_file(tmp_path):

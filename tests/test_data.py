@@ -181,7 +181,7 @@ def test_file_errors(tmp_path: Path) -> None:
     rows = [dict(r) for r in STRING_ROWS]
     rows[4]["question"] = None
     rows[6]["question"] = ""
-    with pytest.raises(DataError, match=r"empty or missing prompt at row 4 of"):
+    with pytest.raises(DataError, match=r"empty or missing prompt at line 5 of"):
         load_datasets(Cfg(task=_write_jsonl(tmp_path / "e.jsonl", rows), prompt_column="question",
                           answer_column="solution"))
     with pytest.raises(DataError, match="eval_size=100 leaves no training rows from 20 rows"):
@@ -195,8 +195,35 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="has no rows"):
         load_datasets(Cfg(task=str(empty)))
     msgs = [{"prompt": [{"content": "no role"}], "answer": "1"}]
-    with pytest.raises(DataError, match=r"prompt message 0 at row 0 .* must be an object with 'role' and 'content'"):
+    with pytest.raises(DataError, match=r"prompt message 0 at line 1 .* must be an object with 'role' and 'content'"):
         load_datasets(Cfg(task=_write_jsonl(tmp_path / "m.jsonl", msgs), eval_size=0))
+
+
+def test_errors_name_file_lines(tmp_path: Path) -> None:
+    """Every row error counts lines as an editor does (1-based, blank lines included), for bad JSON
+    and a bad row alike; a parquet/JSON-list row is counted from 1 too."""
+    path = tmp_path / "gaps.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match=r"missing answer at line 3 of .*gaps\.jsonl"):
+        load_datasets(Cfg(task=str(path), eval_size=0))
+    pq_path = _write_parquet(tmp_path / "p.parquet", [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": None}])
+    with pytest.raises(DataError, match=r"missing answer at row 2 of"):
+        load_datasets(Cfg(task=pq_path, eval_size=0))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_latin1_file_names_the_line(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes('{"prompt": "a", "answer": "1"}\n{"prompt": "caf\u00e9", "answer": "2"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl? line 2 is not UTF-8 \(byte 0xe9\); re-save the file as UTF-8"):
+        load_datasets(Cfg(task=str(path), eval_size=0))
+
+
+def test_utf8_bom_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "answer": "1"}\n')
+    train, _ = load_datasets(Cfg(task=str(path), eval_size=0))
+    assert _question(train[0]) == "a"
 
 
 def test_no_answer_column_allowed(tmp_path: Path) -> None:

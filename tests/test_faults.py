@@ -145,7 +145,7 @@ def _bad_data(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     empty_row.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {
         "missing prompt column": (["--set", f"data.task={no_prompt}"], "prompt column 'prompt' not found"),
-        "empty row": (["--set", f"data.task={empty_row}", "--set", "data.eval_size=0"], "row 7"),
+        "empty row": (["--set", f"data.task={empty_row}", "--set", "data.eval_size=0"], "line 8 of"),
         "model path": (["--set", "model_name_or_path=/no/such/model"], "'/no/such/model' does not exist"),
     }
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -53,3 +56,40 @@ def test_missing_model_is_a_clear_error(name):
 def test_folder_without_config_is_refused(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         resolve_model_path(str(tmp_path))
+
+
+def _copy_model(src: str, dst, skip: tuple[str, ...] = ()):
+    import shutil
+
+    dst.mkdir()
+    for f in Path(src).iterdir():
+        if f.name not in skip:
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "skip, expected",
+    [
+        (("model.safetensors",), "folder has no weights"),
+        (("tokenizer.json",), "folder has no tokenizer"),
+        ((), None),  # control: the complete folder passes
+    ],
+)
+def test_incomplete_model_folder_is_refused_up_front(tiny_model_path, tmp_path, skip, expected):
+    """Found before Ray starts, not by vLLM 16 s in."""
+    folder = _copy_model(tiny_model_path, tmp_path / "m", skip)
+    if expected is None:
+        assert resolve_model_path(str(folder)) == str(folder.resolve())
+        return
+    with pytest.raises(ModelError, match=expected):
+        resolve_model_path(str(folder))
+
+
+def test_missing_weight_shard_is_named(tiny_model_path, tmp_path):
+    folder = _copy_model(tiny_model_path, tmp_path / "m", ("model.safetensors",))
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match=r"1 of 2 weight shards .* missing \(model-00002-of-00002.safetensors\)"):
+        resolve_model_path(str(folder))

@@ -69,6 +69,32 @@ def test_embedded_ray_init_hooks():
     assert ray_compat.IDLE_WORKER_KILLING_KEY.encode() in raylet, f"Ray's system config lost {ray_compat.IDLE_WORKER_KILLING_KEY}"
 
 
+def test_sigint_hook():
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert "_register_sigint_handler" in inspect.getsource(DataParallelTrainer), "Ray Train no longer registers its Ctrl-C handler there"
+    assert "_register_sigint_handler" in vars(ray_compat.GRPOTorchTrainer)
+
+
+def test_log_to_driver_dispatcher_hook():
+    """The handler swap works on Ray's own dispatcher: Ray's printer comes back, ours is registered."""
+    from ray._private import worker
+
+    dispatcher = worker.global_worker_stdstream_dispatcher
+    before = list(dispatcher.handlers)
+    seen = []
+    try:
+        dispatcher.add_handler(ray_compat.RAY_PRINTER, print)
+        assert ray_compat.swap_log_to_driver_handler("test_handler", seen.append) is print
+        names = [name for name, _ in dispatcher.handlers]
+        assert "test_handler" in names and ray_compat.RAY_PRINTER not in names
+        dispatcher.emit({"lines": ["x"]})
+        assert seen == [{"lines": ["x"]}]
+    finally:
+        dispatcher.handlers[:] = before
+    assert logging.getLogger(ray_compat.RAY_WORKER_LOGGER) is logging.getLogger(worker.__name__)
+
+
 def test_no_other_module_reaches_into_private_ray():
     """The adapter is the only place: a new private use elsewhere must be added there (and here)."""
     root = Path(ray_compat.__file__).parent
@@ -83,6 +109,6 @@ def test_no_other_module_reaches_into_private_ray():
     assert offenders == [], offenders
 
 
-@pytest.mark.parametrize("name", ["GRPOTorchTrainer", "enable_job_token_auth", "autoscaler_max_resources", "trial_dir"])
+@pytest.mark.parametrize("name", ["GRPOTorchTrainer", "enable_job_token_auth", "autoscaler_max_resources", "trial_dir", "swap_log_to_driver_handler"])
 def test_every_hook_is_exported(name):
     assert callable(getattr(ray_compat, name))
