@@ -102,6 +102,7 @@ def evaluate(
     engine: RolloutEngine | None = None,
     num_generations: int | None = None,
     rows: list[dict] | None = None,
+    reward_specs: Sequence[RewardSpec] | None = None,
 ) -> EvalResult:
     """Greedy completions for the eval split, graded; with `num_generations` K also K sampled
     completions per prompt -> `sampled` (pass@1, pass@K, mean@K, as logged during training). vLLM runs in this process."""
@@ -127,7 +128,7 @@ def evaluate(
     sampled = {}
     if num_generations:
         ids = [x[-cfg.max_prompt_length:] if cfg.max_prompt_length else x for x in prompt_ids]
-        sampled = sampled_metrics(cfg, rows, engine.generate(ids, eval_sampling(cfg, num_generations), seed=EVAL_SEED), cfg.reward_funcs, _local_score)
+        sampled = sampled_metrics(cfg, rows, engine.generate(ids, eval_sampling(cfg, num_generations), seed=EVAL_SEED), reward_specs or cfg.reward_funcs, _local_score)
     return EvalResult(
         model=model_path,
         task=cfg.data.task,

@@ -1,0 +1,111 @@
+"""The Python API end to end: `GRPOTrainer(model, reward_funcs=[lambda ...], args, train_dataset=Dataset)`
+on the embedded Ray and on a 2-node cluster, with eval during training and log_completions (tiny model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo_ray import GRPOConfig, GRPOTrainer
+from grpo_ray.metrics import COMPLETIONS_FILE, read_metrics
+from grpo_ray.rewards import accuracy
+from grpo_ray.tiny_model import arith_rows
+
+pytestmark = pytest.mark.slow
+
+
+def quick_args(tmp_path: Path, **overrides) -> GRPOConfig:
+    """The --quick config's numbers, as a TRL user would write them in Python."""
+    base = dict(
+        output_dir=str(tmp_path / "run"), num_generations=8, max_prompt_length=128, max_new_tokens=16, temperature=1.0,
+        learning_rate=1e-3, lr_scheduler_type="constant", max_steps=4, per_device_train_batch_size=16,
+        gradient_accumulation_steps=2, gradient_checkpointing=False, optim="adamw_torch", bf16=False, logging_steps=1,
+        save_steps=4, report_to="none", cluster={"kv_cache_gib": 1},
+    )  # fmt: skip
+    return GRPOConfig(**{**base, **overrides})
+
+
+def records(n: int, seed: int) -> list[dict]:
+    """arith rows as a user's dataset: a question string and its answer."""
+    return [{"prompt": r["prompt"][-1]["content"], "answer": r["answer"]} for r in arith_rows(n, seed)]
+
+
+def test_python_api_lambda_reward_in_memory_dataset_eval_and_completions(tmp_path, tiny_model_path):
+    import datasets
+
+    train_ds = datasets.Dataset.from_list(records(200, 0))
+    eval_ds = datasets.Dataset.from_list(records(24, 99))
+    seen: list[dict] = []
+
+    class Recorder:  # TRL TrainerCallback shape
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append({"global_step": state.global_step, **logs})
+
+    args = quick_args(tmp_path, eval_strategy="steps", eval_steps=2, num_generations_eval=4, log_completions=True, num_iterations=2)
+    trainer = GRPOTrainer(
+        model="tiny-arith",
+        reward_funcs=[lambda prompts, completions, answer, **kw: accuracy(prompts, completions, answer), "format"],
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        callbacks=[Recorder()],
+    )
+    result = trainer.train()
+    out = Path(result.output_dir)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and result.steps == 4
+    lam = "tests.test_api:test_python_api_lambda_reward_in_memory_dataset_eval_and_completions.<locals>.<lambda>"
+    assert f"rewards/{lam}" in rows[0]
+    # eval every eval_steps=2, on 24 held-out prompts x 4 samples: pass@4 >= pass@1, fractions of 24 prompts
+    evals = {r["step"]: r for r in rows if "eval/pass@1" in r}
+    assert sorted(evals) == [2, 4]
+    for r in evals.values():
+        assert r["eval/pass@4"] >= r["eval/pass@1"]
+        assert math.isclose(r["eval/pass@1"] * 24 * 4, round(r["eval/pass@1"] * 24 * 4), abs_tol=1e-3)  # c/4 per prompt
+        assert "eval/mean@4" in r
+    # num_iterations=2: the second pass is off-policy and clipping activates (on-policy it is exactly 0)
+    assert max(r["clip_ratio"] for r in rows) > 0
+    # log_completions: 32 rows per logged step, whose rewards are the logged rewards
+    table = [json.loads(line) for line in (out / COMPLETIONS_FILE).read_text().splitlines()]
+    for r in rows:
+        step_rows = [t for t in table if t["step"] == r["step"]]
+        assert len(step_rows) == 32
+        assert math.isclose(sum(t["reward"] for t in step_rows) / 32, r["reward_mean"], rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(sum(t[lam] for t in step_rows) / 32, r[f"rewards/{lam}"], rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(sum(t["advantage"] for t in step_rows), 0.0, abs_tol=1e-3)  # group-centred
+        assert set(step_rows[0]) == {"step", "prompt", "completion", lam, "format", "reward", "advantage"}
+    # the callback ran in this process on every logged step, eval metrics included
+    assert [s["global_step"] for s in seen] == [1, 2, 3, 4] and "eval/pass@4" in seen[1]
+    # run_config.yaml is plain YAML: the lambda by name, the dataset as the file written beside it
+    run_cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert run_cfg["reward_funcs"] == [lam, "format"] and run_cfg["data"]["task"] == str(out / "train_dataset.jsonl")
+    assert len((out / "train_dataset.jsonl").read_text().splitlines()) == 200
+    # .evaluate() on the last checkpoint: the same metric names, from a fresh engine
+    scores = trainer.evaluate(limit=8)
+    assert {"eval/accuracy", "eval/pass@1", "eval/pass@4", "eval/mean@4"} <= set(scores)
+    assert scores["eval/pass@4"] >= scores["eval/pass@1"]
+
+
+def test_python_api_on_a_two_node_cluster_with_a_reward_the_workers_cannot_import(tmp_path, two_node_cluster, tiny_model_path):
+    """The reward's module is loaded from a file outside every sys.path: it reaches the workers by value."""
+    path = tmp_path / "my_rewards_mod.py"
+    path.write_text("def boxed(prompts, completions, **kw):\n    return [float('\\\\boxed{' in c[0]['content']) for c in completions]\n")
+    spec = importlib.util.spec_from_file_location("my_rewards_mod", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["my_rewards_mod"] = module
+    spec.loader.exec_module(module)
+    try:
+        args = quick_args(tmp_path, max_steps=2, save_steps=2, cluster={"address": two_node_cluster.address, "rollout_resource": "rollout", "trainer_resource": "trainer"})
+        result = GRPOTrainer("tiny-arith", reward_funcs=module.boxed, args=args, train_dataset=records(100, 0)).train()
+    finally:
+        sys.modules.pop("my_rewards_mod", None)
+    rows = read_metrics(result.output_dir)
+    assert [r["step"] for r in rows] == [1, 2] and "rewards/my_rewards_mod:boxed" in rows[0]
+    placement = json.loads((Path(result.output_dir) / "placement.json").read_text())
+    assert placement["rollout_nodes"] != placement["trainer_nodes"]  # the run really spanned two nodes
