@@ -109,3 +109,31 @@ def test_python_api_on_a_two_node_cluster_with_a_reward_the_workers_cannot_impor
     assert [r["step"] for r in rows] == [1, 2] and "rewards/my_rewards_mod:boxed" in rows[0]
     placement = json.loads((Path(result.output_dir) / "placement.json").read_text())
     assert placement["rollout_nodes"] != placement["trainer_nodes"]  # the run really spanned two nodes
+
+
+def test_steps_per_generation_eval_on_start_and_eval_cli_numbers(tmp_path, tiny_model_path):
+    """YAML-path config: steps_per_generation=4 with accumulation 2 -> one round of 64 completions feeds
+    two optimizer steps (the linear schedule over max_steps x 2 updates shows it); eval_on_start logs
+    step 0; `evaluate(num_generations=k)` of the final checkpoint reproduces the last in-training eval
+    (same engine seeds, same weights)."""
+    from grpo_ray.driver import train
+    from grpo_ray.evaluate import evaluate
+    from tests.conftest import quick_config
+
+    cfg = quick_config(
+        tmp_path, max_steps=2, save_steps=2, steps_per_generation=4, lr_scheduler_type="linear", log_completions=True,
+        eval_strategy="steps", eval_steps=2, eval_on_start=True, num_generations_eval=4, eval_limit=16, report_to="none",
+    )  # fmt: skip
+    assert (cfg.completions_per_step, cfg.optimizer_steps_per_round) == (64, 2)
+    result = train(cfg)
+    rows = read_metrics(result.output_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/pass@1" in rows[0] and "eval/pass@1" in rows[2] and "eval/pass@1" not in rows[1]
+    lr = cfg.learning_rate
+    assert rows[1]["learning_rate"] == pytest.approx(lr) and rows[2]["learning_rate"] == pytest.approx(lr * 2 / 4)  # 2 of 4 updates done
+    table = [json.loads(line) for line in (Path(result.output_dir) / COMPLETIONS_FILE).read_text().splitlines()]
+    assert [sum(t["step"] == s for t in table) for s in (1, 2)] == [64, 64]
+    assert rows[1]["clip_ratio"] > 0  # the round's second optimizer step is off-policy
+    final = evaluate(cfg, result.checkpoint_dir, limit=cfg.eval_limit, num_generations=4)
+    for key in ("eval/pass@1", "eval/pass@4", "eval/mean@4"):
+        assert final.sampled[key] == pytest.approx(rows[2][key], abs=1e-6), (key, final.sampled, rows[2])
