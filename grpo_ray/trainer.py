@@ -473,8 +473,12 @@ class RolloutQueue:
     submitted after the push returned: generate(t+1) < push(w_t) < generate(t+2), always.
     Generation runs on one background thread (the Ray calls block in C++, without the GIL)."""
 
-    def __init__(self, rollout: Rollout, sampler: PromptSampler, tokenizer: Any, staleness: int, max_steps: int, start: int = 0) -> None:
+    def __init__(
+        self, rollout: Rollout, sampler: PromptSampler, tokenizer: Any, staleness: int, max_steps: int, start: int = 0,
+        chat_template_kwargs: dict | None = None,
+    ) -> None:  # fmt: skip
         self.rollout, self.sampler, self.tokenizer = rollout, sampler, tokenizer
+        self.chat_template_kwargs = chat_template_kwargs
         self.staleness, self.max_steps = staleness, max_steps
         self.submitted = start  # the last step whose rollout was submitted
         self.inflight: deque[InFlight] = deque()
@@ -506,7 +510,7 @@ class RolloutQueue:
     def _submit(self, step: int, version: int) -> None:
         state = self.sampler.state_dict()
         rows = self.sampler.next_batch()
-        prompts = render_prompts(self.tokenizer, rows, self.rollout.cfg.chat_template_kwargs)
+        prompts = render_prompts(self.tokenizer, rows, self.chat_template_kwargs)
         future = self.executor.submit(self.rollout.generate_and_score, rows, prompts, step)
         self.inflight.append(InFlight(step, version, state, future))
 
@@ -685,7 +689,7 @@ def train_loop_per_worker(loop: dict) -> None:
     # whatever checkpoint (or none) this attempt starts from. Give them this attempt's policy.
     w.pusher.push()
     if rank == 0:
-        w.queue = RolloutQueue(w.rollout, w.sampler, tokenizer, cfg.staleness, cfg.max_steps, start)
+        w.queue = RolloutQueue(w.rollout, w.sampler, tokenizer, cfg.staleness, cfg.max_steps, start, cfg.chat_template_kwargs)
         lc.pool.on_restart = w.queue.guarded(pusher.resync)  # a restarted engine gets the current weights
     bar = progress_bar(cfg, start) if rank == 0 else None
     eval_every = cfg.resolved_eval_steps
