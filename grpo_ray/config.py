@@ -275,6 +275,9 @@ class GRPOConfig:
         """'bf16', 'fp16' or 'fp32' after resolving "auto" against the device."""
         bf16 = (device_supports_bf16 and self.fp16 is not True) if self.bf16 in (None, "auto") else bool(self.bf16)
         fp16 = (not bf16 and self.cluster.use_gpu) if self.fp16 == "auto" else bool(self.fp16)
+        if fp16 and not bf16 and not self.cluster.use_gpu:  # e.g. the seed's fp16=not is_bf16_supported() on CPU
+            _notice("fp16=True needs a CUDA device (loss-scaled fp16 training has no CPU path); training in fp32 on CPU")
+            return "fp32"
         return "bf16" if bf16 else ("fp16" if fp16 else "fp32")
 
     def resolved_omp_wait(self) -> str:

@@ -565,6 +565,7 @@ def test_parse_override_malformed_value_is_a_config_error():
         (False, True, True, True, "fp16"),
         (False, "auto", True, True, "fp16"),
         (False, "auto", False, True, "fp32"),
+        (False, True, False, False, "fp32"),  # fp16 on CPU (the seed on a CPU machine): fp32, with a notice
         ("true", "false", False, False, "bf16"),  # YAML strings coerced to bools
     ],
 )
