@@ -84,7 +84,9 @@ class MLflowTracker:
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "grpo-ray")
         experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        # the default local store keeps artifacts (log_completions tables) in OUTPUT_DIR, not ./mlruns
+        local = None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlflow-artifacts").resolve().as_uri()
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name, artifact_location=local)
         if run_id is None:
             run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
             params = [Param(k, str(v)[:500]) for k, v in flatten(cfg.to_dict()).items()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -96,6 +97,7 @@ def test_log_completions_table_goes_to_the_file_and_every_tracker_and_resume_cut
     assert lines == [{"step": 2, **rows[0]}]
     artifacts = [a.path for a in MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").list_artifacts(run_id, "completions")]
     assert artifacts == ["completions/step_2.json"]
+    assert (out / "mlflow-artifacts").is_dir() and not Path("mlruns").exists()  # inside OUTPUT_DIR, not the cwd
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     assert any("completions" in tag for tag in events.Tags()["tensors"])
