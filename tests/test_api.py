@@ -137,3 +137,23 @@ def test_steps_per_generation_eval_on_start_and_eval_cli_numbers(tmp_path, tiny_
     final = evaluate(cfg, result.checkpoint_dir, limit=cfg.eval_limit, num_generations=4)
     for key in ("eval/pass@1", "eval/pass@4", "eval/mean@4"):
         assert final.sampled[key] == pytest.approx(rows[2][key], abs=1e-6), (key, final.sampled, rows[2])
+
+
+def test_trl_loss_and_data_keys_reach_the_trainer(tmp_path, tiny_model_path):
+    """vespo (+ token-level vLLM IS), the entropy bonus (its gradient flows through the packed logits),
+    the KL without bias correction, GDPO aggregation, the off-policy mask, disable_dropout and
+    chat_template_kwargs in one short run: each leaves its own metric or effect."""
+    def reward(prompts, completions, answer, **kw):
+        return accuracy(prompts, completions, answer)
+
+    args = quick_args(
+        tmp_path, max_steps=2, save_steps=2, loss_type="vespo", vllm_importance_sampling_mode="token_mask",
+        entropy_coef=0.01, beta=0.01, use_bias_correction_kl=False, multi_objective_aggregation="normalize_then_sum",
+        off_policy_mask_threshold=0.5, disable_dropout=True, chat_template_kwargs={"enable_thinking": False},
+    )  # fmt: skip
+    result = GRPOTrainer("tiny-arith", reward_funcs=[reward, "format"], args=args, train_dataset=records(100, 0)).train()
+    rows = read_metrics(result.output_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["entropy_coef"] == 0.01 and r["kl"] >= 0 and 0 < r["vespo/phi_seq_mean"]
+        assert math.isfinite(r["loss"]) and "clip_ratio/region_mean" not in r  # vespo never hard-clips
