@@ -191,7 +191,7 @@ def _records(dataset: Any, name: str) -> list[dict] | None:
         return None
     if isinstance(dataset, (str, Path)):
         return read_records(str(dataset))
-    if hasattr(dataset, "keys") and hasattr(dataset, "values") and not isinstance(dataset, dict):  # DatasetDict
+    if hasattr(dataset, "keys") and hasattr(dataset, "values"):  # a DatasetDict (a dict) or another mapping of splits
         raise ConfigError(f"{name}: a DatasetDict with splits {list(dataset.keys())}: pass one split, e.g. {name}=ds['train']")
     if hasattr(dataset, "to_list"):  # datasets.Dataset
         return dataset.to_list()
