@@ -38,9 +38,9 @@ from grpo_ray import sync
 from grpo_ray.algorithm import LossOptions, entropy_from_logits, grpo_loss, selective_log_softmax
 from grpo_ray.config import GRPOConfig, omp_wait_env
 from grpo_ray.data import DataError, PromptSampler, load_datasets, render_prompts
+from grpo_ray.evaluate import evaluate_on_pool
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
-from grpo_ray.evaluate import evaluate_on_pool
 from grpo_ray.rewards import RewardError, RewardSpec
 from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool
 
