@@ -5,15 +5,16 @@ implements. Three sections are grpo-ray's own: `data` (what to train on), `clust
 vLLM actors and trainer workers, DeepSpeed ZeRO stage, weight-sync transport) and the reward
 function list. Every error is a one-line `ConfigError` that names the field and the fix.
 
-This module sits at the bottom of the import graph: it imports nothing from grpo_ray.
+This module sits at the bottom of the import graph: it imports only grpo_ray.trl_compat (the
+TRL fields without a field here).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import difflib
 import logging
+import math
 import os
 import types
 import typing
