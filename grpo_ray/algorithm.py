@@ -12,8 +12,10 @@ tensors they already hold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -479,6 +481,46 @@ def _clip_metrics(
     }
     metrics["clip_ratio"] = metrics["clip_ratio/region_mean"]
     return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """Every run-constant option of `grpo_loss`, named once: a field here is a keyword of `grpo_loss`
+    and a `GRPOConfig` field of the same name and meaning (tests/test_algorithm.py checks both)."""
+
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    importance_sampling_level: str = "token"
+    max_completion_length: int | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    use_bias_correction_kl: bool = True
+    off_policy_mask_threshold: float | None = None
+    top_entropy_quantile: float = 1.0
+    entropy_coef: float = 0.0
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LossOptions":
+        """The options a config (any object with these attributes, e.g. `GRPOConfig`) sets."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def needs_entropies(self) -> bool:
+        return self.top_entropy_quantile < 1.0 or self.entropy_coef != 0.0
+
+    def kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def grpo_loss(

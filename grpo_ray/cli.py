@@ -71,8 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data:
         cfg = cfg.with_overrides({"data": {"task": args.data}})
     model = resolve_model_path(args.model or cfg.model_name_or_path)
-    result = evaluate(cfg, model, limit=args.limit)
-    line = {"model": result.model, "task": result.task, "accuracy": result.accuracy, "num_samples": result.num_samples, "seconds": round(result.seconds, 1)}
+    result = evaluate(cfg, model, limit=args.limit, num_generations=args.num_generations)
+    line = {"model": result.model, "task": result.task, "accuracy": result.accuracy, "num_samples": result.num_samples, **result.sampled, "seconds": round(result.seconds, 1)}
     print(json.dumps(line))
     if args.output:
         Path(args.output).write_text(json.dumps({**line, "examples": result.examples}, indent=2))
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model folder or built-in name (default: the config's model)")
     ev.add_argument("--data", help="task, e.g. reasoning_gym/chain_sum, arith, or a .jsonl path")
     ev.add_argument("--limit", type=int, help="evaluate only the first N eval rows")
+    ev.add_argument("--num-generations", type=int, metavar="K", help="also sample K completions per prompt: eval/pass@1, eval/pass@K, eval/mean@K (as logged during training)")
     ev.add_argument("--output", help="write the result and a few examples as JSON")
     ev.set_defaults(func=cmd_eval)
 

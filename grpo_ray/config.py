@@ -5,12 +5,15 @@ implements. Three sections are grpo-ray's own: `data` (what to train on), `clust
 vLLM actors and trainer workers, DeepSpeed ZeRO stage, weight-sync transport) and the reward
 function list. Every error is a one-line `ConfigError` that names the field and the fix.
 
-This module sits at the bottom of the import graph: it imports only grpo_ray.text.
+This module sits at the bottom of the import graph: it imports only grpo_ray.text (did-you-mean)
+and grpo_ray.trl_compat (the TRL fields without a field here).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 import types
 import typing
@@ -21,12 +24,13 @@ from typing import Any, Literal, Union
 import yaml
 
 from grpo_ray.text import suggest
+from grpo_ray.trl_compat import take_trl_keys
+
+log = logging.getLogger("grpo_ray")
 
 # The one list of each choice (algorithm.py and sync.py check against these too).
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")  # what algorithm.grpo_loss computes
-# What `loss_type` may be set to: vespo also needs its vespo_* keys and a token-level
-# vllm_importance_sampling_mode check, which this config does not have yet.
-CONFIG_LOSS_TYPES = tuple(t for t in LOSS_TYPES if t != "vespo")
+EVAL_STRATEGIES = ("no", "steps")
 SCALE_REWARDS = ("group", "batch", "none")
 ALL_NONE_REWARDS = ("error", "warn")
 IS_LEVELS = ("token", "sequence")
@@ -58,7 +62,11 @@ _CPU_FALLBACK = {
     "paged_adamw_8bit": "adamw_torch",
 }
 # TRL / transformers spellings that mean one of our fields.
-ALIASES = {"max_new_tokens": "max_completion_length", "model": "model_name_or_path"}
+ALIASES = {
+    "max_new_tokens": "max_completion_length",
+    "model": "model_name_or_path",
+    "vllm_importance_sampling_cap": "vllm_importance_sampling_clip_max",  # TRL's deprecated name
+}
 
 
 class ConfigError(ValueError):
@@ -125,6 +133,11 @@ class GRPOConfig:
     num_generations: int = 8
     max_prompt_length: int | None = 512
     max_completion_length: int = 512
+    # TRL: one generation round of `generation_batch_size` completions feeds `steps_per_generation`
+    # micro-batches (default: gradient_accumulation_steps, i.e. one optimizer step per round)
+    generation_batch_size: int | None = None
+    steps_per_generation: int | None = None
+    chat_template_kwargs: dict | None = None  # extra apply_chat_template arguments (e.g. enable_thinking)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -140,12 +153,23 @@ class GRPOConfig:
     scale_rewards: str = "group"
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     reward_weights: list[float] | None = None
+    multi_objective_aggregation: str = "sum_then_normalize"  # or "normalize_then_sum" (GDPO)
     # grpo-ray: a step where every reward function returned None for every completion has nothing
     # to learn from (TRL warns per sample and trains on NaN); "error" stops the run, "warn" goes on
     all_none_rewards: str = "error"
     num_iterations: int = 1
     mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0
+    entropy_coef: float = 0.0  # static entropy bonus (TRL's use_adaptive_entropy is refused)
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    off_policy_mask_threshold: float | None = None
+    use_bias_correction_kl: bool = True
+    disable_dropout: bool = False
     vllm_importance_sampling_correction: bool = True
     vllm_importance_sampling_mode: str = "sequence_mask"
     vllm_importance_sampling_clip_min: float | None = None
@@ -178,8 +202,12 @@ class GRPOConfig:
     save_steps: int = 500
     save_total_limit: int | None = None
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    log_completions: bool = False
-    eval_steps: int | None = None
+    log_completions: bool = False  # OUTPUT_DIR/completions.jsonl (+ trackers) every logged step
+    # --- evaluation during training (on the rollout engines, between steps): pass@1, pass@k, mean@k
+    eval_strategy: str = "no"  # "steps": every eval_steps (TRL: None -> logging_steps; < 1: a ratio of max_steps)
+    eval_steps: float | None = None
+    eval_on_start: bool = False
+    num_generations_eval: int | None = None  # samples per eval prompt (k); None: num_generations
     # grpo-ray: greedy held-out accuracy of the start and final models -> OUTPUT_DIR/eval.json
     eval_at_start_and_end: bool = False
     eval_limit: int | None = None
@@ -197,9 +225,43 @@ class GRPOConfig:
 
     # ------------------------------------------------------------------ derived sizes
     @property
+    def resolved_steps_per_generation(self) -> int:
+        """Micro-batches per worker that one generation round feeds (TRL's `steps_per_generation`).
+
+        Unset, TRL uses gradient_accumulation_steps; where that round would not hold whole groups
+        of num_generations (the seed guide's configs), it is rounded up to the next multiple of
+        gradient_accumulation_steps that does (noted in the log)."""
+        per = self.per_device_train_batch_size * self.cluster.num_trainer_workers
+        if self.steps_per_generation is not None:
+            return self.steps_per_generation
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size // per
+        spg = self.gradient_accumulation_steps
+        while (per * spg) % self.num_generations:
+            spg += self.gradient_accumulation_steps
+        return spg
+
+    @property
+    def optimizer_steps_per_round(self) -> int:
+        """Optimizer steps one generation round makes: num_iterations x steps_per_generation / accumulation."""
+        return self.num_iterations * self.resolved_steps_per_generation // self.gradient_accumulation_steps
+
+    @property
     def completions_per_step(self) -> int:
-        """Completions consumed by one optimizer step across all trainer workers."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.cluster.num_trainer_workers
+        """Completions one step (one generation round) samples across all trainer workers."""
+        return self.per_device_train_batch_size * self.resolved_steps_per_generation * self.cluster.num_trainer_workers
+
+    @property
+    def resolved_eval_steps(self) -> int | None:
+        """Steps between evaluations (None: no evaluation during training), as TRL resolves them."""
+        if self.eval_strategy == "no":
+            return None
+        steps = self.eval_steps if self.eval_steps is not None else self.logging_steps
+        return max(1, math.ceil(self.max_steps * steps)) if steps < 1 else int(steps)
+
+    @property
+    def eval_k(self) -> int:
+        return self.num_generations_eval or self.num_generations
 
     @property
     def prompts_per_step(self) -> int:
@@ -220,6 +282,9 @@ class GRPOConfig:
         """'bf16', 'fp16' or 'fp32' after resolving "auto" against the device."""
         bf16 = (device_supports_bf16 and self.fp16 is not True) if self.bf16 in (None, "auto") else bool(self.bf16)
         fp16 = (not bf16 and self.cluster.use_gpu) if self.fp16 == "auto" else bool(self.fp16)
+        if fp16 and not bf16 and not self.cluster.use_gpu:  # e.g. the seed's fp16=not is_bf16_supported() on CPU
+            _notice("fp16=True needs a CUDA device (loss-scaled fp16 training has no CPU path); training in fp32 on CPU")
+            return "fp32"
         return "bf16" if bf16 else ("fp16" if fp16 else "fp32")
 
     def resolved_omp_wait(self) -> str:
@@ -247,7 +312,7 @@ class GRPOConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "GRPOConfig":
         if not isinstance(raw, dict):
             raise ConfigError(f"config must be a mapping of keys to values, got {type(raw).__name__}")
-        return _build(cls, raw, prefix="")
+        return cls(**{str(k): v for k, v in raw.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "GRPOConfig":
@@ -293,6 +358,22 @@ class GRPOConfig:
 
     def with_overrides(self, overrides: dict[str, Any]) -> "GRPOConfig":
         return GRPOConfig.from_dict(merge(self.to_dict(), _canonical(overrides)))
+
+
+_fields_init = GRPOConfig.__init__
+
+
+def _config_init(self: GRPOConfig, **kwargs: Any) -> None:
+    """`GRPOConfig(**kwargs)` is the YAML path: TRL aliases, TRL-only keys (trl_compat), a
+    did-you-mean for a typo, YAML's lossless conversions, then validation."""
+    try:
+        kwargs = take_trl_keys(kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _fields_init(self, **_prepare(GRPOConfig, kwargs, prefix=""))
+
+
+GRPOConfig.__init__ = _config_init  # type: ignore[method-assign]
 
 
 # The seed guide's presets (../shared/seed): `balanced` is its basic config as written; the other
@@ -371,6 +452,14 @@ def parse_override(text: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- building and checking
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    try:
+        return cls(**_prepare(cls, raw, prefix))
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def _prepare(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`raw`'s keys checked against `cls`'s fields (aliases renamed at the top level), values coerced."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -381,10 +470,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         if name in kwargs:
             raise ConfigError(f"{prefix}{key}: given twice (as {key!r} and its alias): keep one")
         kwargs[name] = _coerce(prefix + name, value, hints[name])
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+    return kwargs
 
 
 def _unknown_key(key: str, names: list[str], prefix: str) -> str:
@@ -507,7 +593,7 @@ def normalize_report_to(value: Any) -> list[str]:
 
 
 def _validate(c: GRPOConfig) -> None:
-    one_of("loss_type", c.loss_type, CONFIG_LOSS_TYPES)
+    one_of("loss_type", c.loss_type, LOSS_TYPES)
     one_of("scale_rewards", c.scale_rewards, SCALE_REWARDS)
     one_of("all_none_rewards", c.all_none_rewards, ALL_NONE_REWARDS)
     one_of("importance_sampling_level", c.importance_sampling_level, IS_LEVELS)
@@ -566,21 +652,75 @@ def _validate(c: GRPOConfig) -> None:
         not (cl.weight_sync == "nccl" and not cl.use_gpu),
         "cluster.weight_sync='nccl' needs GPUs: set cluster.use_gpu: true or weight_sync: gloo",
     )
-    total = c.completions_per_step
-    _require(
-        total % c.num_generations == 0,
-        f"per_device_train_batch_size * gradient_accumulation_steps * cluster.num_trainer_workers = {total} "
-        f"completions per step is not divisible by num_generations={c.num_generations}: "
-        f"make it a multiple (e.g. gradient_accumulation_steps={_fix_accum(c)})",
-    )
+    _validate_generation_batch(c)
+    _validate_trl_extras(c)
     d = c.data
     _require(d.size >= 1, f"data.size={d.size}: must be >= 1")
     _require(d.eval_size >= 0, f"data.eval_size={d.eval_size}: must be >= 0")
 
 
-def _fix_accum(c: GRPOConfig) -> int:
+def _validate_generation_batch(c: GRPOConfig) -> None:
+    """TRL's generation-batch rules, plus: a round makes whole optimizer steps."""
     per = c.per_device_train_batch_size * c.cluster.num_trainer_workers
-    accum = c.gradient_accumulation_steps
-    while (per * accum) % c.num_generations:
-        accum += 1
-    return accum
+    gbs, spg, accum = c.generation_batch_size, c.steps_per_generation, c.gradient_accumulation_steps
+    _require(gbs is None or spg is None, "generation_batch_size and steps_per_generation are both set: set only one (TRL refuses both too)")
+    _require(gbs is None or (gbs >= 1 and gbs % per == 0), f"generation_batch_size={gbs} must be a multiple of per_device_train_batch_size * cluster.num_trainer_workers = {per}")
+    _require(spg is None or spg >= 1, f"steps_per_generation={spg}: must be >= 1")
+    spg = c.resolved_steps_per_generation
+    _require(
+        spg % accum == 0,
+        f"steps_per_generation={spg} is not a multiple of gradient_accumulation_steps={accum}: a generation round "
+        f"must feed whole optimizer steps (e.g. steps_per_generation={accum * max(1, round(spg / accum))})",
+    )
+    total = c.completions_per_step
+    _require(
+        total % c.num_generations == 0,
+        f"per_device_train_batch_size * steps_per_generation * cluster.num_trainer_workers = {total} completions "
+        f"per generation round is not divisible by num_generations={c.num_generations}: make it a multiple "
+        f"(e.g. steps_per_generation={_fix_spg(c)})",
+    )
+    if c.generation_batch_size is None and c.steps_per_generation is None and spg != accum:
+        _notice(
+            f"one generation round of {total} completions (steps_per_generation={spg}, {spg // accum} optimizer steps "
+            f"per round): per_device_train_batch_size * gradient_accumulation_steps * cluster.num_trainer_workers = "
+            f"{per * accum} holds no whole group of num_generations={c.num_generations}; set generation_batch_size to choose"
+        )
+
+
+def _fix_spg(c: GRPOConfig) -> int:
+    per = c.per_device_train_batch_size * c.cluster.num_trainer_workers
+    spg = c.gradient_accumulation_steps
+    while (per * spg) % c.num_generations:
+        spg += c.gradient_accumulation_steps
+    return spg
+
+
+def _validate_trl_extras(c: GRPOConfig) -> None:
+    one_of("multi_objective_aggregation", c.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
+    one_of("eval_strategy", c.eval_strategy, EVAL_STRATEGIES)
+    _require(c.eval_steps is None or c.eval_steps > 0, f"eval_steps={c.eval_steps}: must be > 0 (a step count, or < 1 for a fraction of max_steps)")
+    _require(c.num_generations_eval is None or c.num_generations_eval >= 1, f"num_generations_eval={c.num_generations_eval}: must be >= 1")
+    _require(c.off_policy_mask_threshold is None or c.off_policy_mask_threshold >= 0, f"off_policy_mask_threshold={c.off_policy_mask_threshold}: a KL threshold must be >= 0")
+    for name in ("sapo_temperature_neg", "sapo_temperature_pos", "vespo_lambda_pos", "vespo_lambda_neg"):
+        _require(getattr(c, name) > 0, f"{name}={getattr(c, name)}: must be > 0")
+    lo, hi = c.vllm_importance_sampling_clip_min, c.vllm_importance_sampling_clip_max
+    _require(lo is None or hi is None or lo < hi, f"vllm_importance_sampling_clip_min ({lo}) must be less than vllm_importance_sampling_clip_max ({hi})")
+    _require(
+        not (c.vllm_importance_sampling_correction and c.vllm_importance_sampling_mode.endswith("truncate") and lo is None and hi is None),
+        f"vllm_importance_sampling_mode={c.vllm_importance_sampling_mode!r} needs vllm_importance_sampling_clip_min or _clip_max (TRL's rule)",
+    )
+    _require(
+        not (c.loss_type == "vespo" and c.vllm_importance_sampling_correction and c.vllm_importance_sampling_mode.startswith("sequence")),
+        "loss_type='vespo' folds token-level vLLM importance ratios into its weight: set vllm_importance_sampling_mode "
+        "to token_mask or token_truncate (as TRL requires), or vllm_importance_sampling_correction: false",
+    )
+
+
+_noticed: set[str] = set()
+
+
+def _notice(message: str) -> None:
+    """Say a config decision once per process (the driver and each worker rebuild the config)."""
+    if message not in _noticed:
+        _noticed.add(message)
+        log.warning("grpo-ray: %s", message)

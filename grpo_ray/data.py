@@ -467,15 +467,16 @@ def _load_hub(cfg: Any, name: str) -> tuple[list[Row], list[Row]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def render_prompts(tokenizer: Any, rows: Sequence[Row | str | list[Message]]) -> list[str]:
-    """Text the policy actually sees: chat template + generation prompt; plain strings pass through."""
+def render_prompts(tokenizer: Any, rows: Sequence[Row | str | list[Message]], chat_template_kwargs: Mapping[str, Any] | None = None) -> list[str]:
+    """Text the policy actually sees: chat template + generation prompt (+ TRL's `chat_template_kwargs`,
+    e.g. enable_thinking); plain strings pass through."""
     out = []
     for r in rows:
         prompt = r["prompt"] if isinstance(r, Mapping) else r
         if isinstance(prompt, str):
             out.append(prompt)
         else:
-            out.append(tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
+            out.append(tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})))
     return out
 
 

@@ -19,9 +19,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from grpo_ray.checkpoints import MODEL_DIR, RUN_FILE, RUN_NAME, latest_checkpoint, latest_complete_checkpoint
 from grpo_ray.cluster import connect
-from grpo_ray.config import GRPOConfig
+from grpo_ray.config import ConfigError, GRPOConfig
 from grpo_ray.data import load_datasets
-from grpo_ray.evaluate import evaluate
+from grpo_ray.evaluate import EvalResult, evaluate
 from grpo_ray.logs import quiet_ray_init, route_worker_output, set_log_dir
 from grpo_ray.metrics import METRICS_FILE, check_trackers, flatten, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
@@ -158,8 +158,9 @@ def make_trainer(cfg: GRPOConfig, loop: LoopConfig, out: Path, callbacks: list |
     )
 
 
-def held_out_accuracy(cfg: GRPOConfig, model_path: str) -> float:
-    """Greedy eval-split accuracy, run as a Ray task so vLLM gets its own process and CPUs.
+def evaluate_remote(cfg: GRPOConfig, model_path: str, limit: int | None = None, **kwargs: Any) -> EvalResult:
+    """`evaluate.evaluate` as a Ray task, so vLLM gets its own process and CPUs (kwargs: rows,
+    num_generations, reward_specs).
 
     `max_calls=1`: the worker exits after it, or the idle process would keep its vLLM engine
     (4 GiB for SmolLM2) and spend a quarter of a core beside the training that follows (seen in
@@ -170,29 +171,50 @@ def held_out_accuracy(cfg: GRPOConfig, model_path: str) -> float:
     cpus, gpus = need.pop("CPU"), need.pop("GPU", 0)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, resources=need or None, max_retries=0, max_calls=1)(evaluate)
     task = task.options(scheduling_strategy="DEFAULT")
-    return float(ray.get(task.remote(cfg, model_path, cfg.eval_limit)).accuracy)
+    return ray.get(task.remote(cfg, model_path, limit, **kwargs))
 
 
-def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, callbacks: list | None = None) -> RunResult:
-    """Run one GRPO training job to completion and return where its outputs are."""
+def held_out_accuracy(cfg: GRPOConfig, model_path: str, rows: list[dict] | None = None) -> float:
+    """Greedy eval-split accuracy (eval.json's start/end numbers)."""
+    return float(evaluate_remote(cfg, model_path, cfg.eval_limit, rows=rows).accuracy)
+
+
+def train(
+    cfg: GRPOConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: list | None = None,
+    datasets: tuple[list[dict], list[dict]] | None = None,
+    reward_specs: list | None = None,
+) -> RunResult:
+    """Run one GRPO training job to completion and return where its outputs are.
+
+    `datasets` (train rows, eval rows) and `reward_specs` (names or `rewards.ByValue` callables,
+    aligned with cfg.reward_funcs) are the Python API's: they travel to the workers through Ray."""
     cfg = cfg.with_absolute_paths()
     check_output_dir(cfg, resume, overwrite)
     check_trackers(cfg)
     model_path = resolve_model_path(cfg.model_name_or_path)
-    load_datasets(cfg.data)  # a bad data file fails here, before OUTPUT_DIR holds anything
-    check_reward_specs(cfg.reward_funcs)  # names and files; importing them runs in a Ray worker
+    rows = datasets or load_datasets(cfg.data)  # a bad data file fails here, before OUTPUT_DIR holds anything
+    if cfg.resolved_eval_steps and not rows[1]:
+        raise ConfigError("eval_strategy='steps' needs held-out prompts: pass eval_dataset, or set data.eval_size > 0 / data.eval_split")
+    if reward_specs is None:
+        check_reward_specs(cfg.reward_funcs)  # names and files; importing them runs in a Ray worker
     init_ray(cfg)
     set_log_dir(Path(cfg.output_dir).resolve())
-    check_reward_functions(cfg.reward_funcs, cfg.cluster.reward_timeout_s)
+    check_reward_functions(reward_specs or cfg.reward_funcs, cfg.cluster.reward_timeout_s)
     out = prepare_output_dir(cfg, resume, overwrite)
     scores: dict[str, float] = {}
     if cfg.eval_at_start_and_end and not resume:
-        scores["start"] = held_out_accuracy(cfg, model_path)
+        scores["start"] = held_out_accuracy(cfg, model_path, datasets and datasets[1])
         print(f"[grpo-ray] held-out accuracy before training: {scores['start']:.3f}")
     pool = RolloutPool(cfg, EngineSpec.from_config(cfg, model_path))
     try:
         transport = resolve_transport(cfg.cluster.weight_sync, cfg.cluster.use_gpu)
-        loop = LoopConfig(cfg=cfg.to_dict(), model_path=model_path, pool=pool, transport=transport, output_dir=str(out))
+        loop = LoopConfig(
+            cfg=cfg.to_dict(), model_path=model_path, pool=pool, transport=transport, output_dir=str(out),
+            datasets=datasets, reward_specs=reward_specs,
+        )  # fmt: skip
         result = make_trainer(cfg, loop, out, callbacks).fit()
     finally:
         pool.shutdown()
@@ -202,7 +224,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, callba
     curve = plot_reward_curve(out)
     ckpt = latest_checkpoint(out)
     if cfg.eval_at_start_and_end and ckpt is not None:
-        scores["end"] = held_out_accuracy(cfg, str(Path(ckpt.path) / MODEL_DIR))
+        scores["end"] = held_out_accuracy(cfg, str(Path(ckpt.path) / MODEL_DIR), datasets and datasets[1])
         previous = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
         scores = {**previous, **scores}
         (out / "eval.json").write_text(json.dumps(scores, indent=1))

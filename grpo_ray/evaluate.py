@@ -1,14 +1,29 @@
-"""Held-out accuracy of a model folder on a task's eval split, generated greedily with vLLM."""
+"""Held-out evaluation: greedy accuracy of a model folder, and sampled pass@1 / pass@k / mean@k.
+
+The sampled numbers come from one function, `sampled_metrics`, whether the completions were drawn
+by the rollout engines during training (`evaluate_on_pool`, every `eval_steps`) or by a fresh
+engine for any checkpoint (`grpo-ray eval --num-generations K`), so the two report the same thing.
+"""
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
+import torch
+
+from grpo_ray.algorithm import combine_rewards
 from grpo_ray.config import GRPOConfig
 from grpo_ray.data import RG_PREFIXES, load_datasets, render_prompts
-from grpo_ray.rewards import resolve_reward_functions, score
-from grpo_ray.rollout import EngineSpec, RolloutEngine, SamplingSpec
+from grpo_ray.rewards import RewardSpec, resolve_reward_functions, score
+from grpo_ray.rollout import EngineSpec, Group, RolloutEngine, SamplingSpec, score_rewards
+
+EVAL_SEED = 7_777  # every evaluation samples with the same seeds: curves move with the model, not the dice
+
+# (specs, prompts, completions, columns) -> (N, F) rewards, NaN where a function returned None
+ScoreFn = Callable[[list, list, list, dict], torch.Tensor]
 
 
 @dataclass
@@ -19,6 +34,7 @@ class EvalResult:
     num_samples: int
     seconds: float
     examples: list[dict]
+    sampled: dict[str, float] = field(default_factory=dict)  # eval/pass@1, eval/pass@k, eval/mean@k
 
 
 def grader_for(task: str) -> str:
@@ -26,15 +42,77 @@ def grader_for(task: str) -> str:
     return "reasoning_gym" if task.startswith(RG_PREFIXES) else "accuracy"
 
 
-def evaluate(cfg: GRPOConfig, model_path: str, limit: int | None = None, engine: RolloutEngine | None = None) -> EvalResult:
-    """Greedy completions for the eval split, graded; runs vLLM in this process."""
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def sampled_metrics(cfg: GRPOConfig, rows: list[dict], groups: list[Group], specs: Sequence[RewardSpec], score_fn: ScoreFn) -> dict[str, float]:
+    """pass@1 and pass@k (k = the samples per prompt) of the task's grader, and mean@k: the mean
+    combined reward of `specs` (the training reward) over all samples. Without gold answers only mean@k."""
+    k = len(groups[0].texts)
+    conversational = isinstance(rows[0].get("prompt"), list)
+    texts = [t for g in groups for t in g.texts]
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    columns = {c: [r[c] for r in rows for _ in range(k)] for c in rows[0] if c != "prompt"}
+    grader = grader_for(cfg.data.task)
+    graded = grader != "accuracy" or "answer" in rows[0]
+    table = score_fn(([grader] if graded else []) + list(specs), prompts, completions, columns)
+    rewards = combine_rewards(table[:, 1:] if graded else table, cfg.reward_weights)
+    out = {f"eval/mean@{k}": float(torch.nanmean(rewards))}
+    if graded:
+        correct = (torch.nan_to_num(table[:, 0], nan=0.0) >= 1.0).view(len(rows), k).sum(dim=1).tolist()
+        for j in sorted({1, k}):
+            out[f"eval/pass@{j}"] = sum(pass_at_k(k, int(c), j) for c in correct) / len(rows)
+    return out
+
+
+def eval_sampling(cfg: GRPOConfig, k: int) -> SamplingSpec:
+    """The training sampler's settings, k samples per prompt, no logprobs."""
+    spec = SamplingSpec.from_config(cfg)
+    return SamplingSpec(**{**spec.__dict__, "n": k, "logprobs": False})
+
+
+def evaluate_on_pool(cfg: GRPOConfig, pool: Any, tokenizer: Any, rows: list[dict], specs: Sequence[RewardSpec]) -> dict[str, float]:
+    """Evaluation during training, on the rollout engines between steps (no second model load):
+    `num_generations_eval` samples per held-out prompt, scored in Ray tasks like the rollout."""
+    t0 = time.perf_counter()
+    rows = rows[: cfg.eval_limit] if cfg.eval_limit else rows
+    ids = tokenizer(render_prompts(tokenizer, rows, cfg.chat_template_kwargs), add_special_tokens=False)["input_ids"]
+    ids = [x[-cfg.max_prompt_length:] if cfg.max_prompt_length else x for x in ids]
+    groups = pool.generate(ids, eval_sampling(cfg, cfg.eval_k), seed=EVAL_SEED)
+
+    def score_fn(fns: list, prompts: list, completions: list, columns: dict) -> torch.Tensor:
+        return score_rewards(fns, prompts, completions, columns, cfg.cluster.reward_timeout_s, num_cpus=cfg.cluster.reward_num_cpus)
+
+    return {**sampled_metrics(cfg, rows, groups, specs, score_fn), "eval/seconds": time.perf_counter() - t0}
+
+
+def _local_score(fns: list, prompts: list, completions: list, columns: dict) -> torch.Tensor:
+    return torch.tensor(score(resolve_reward_functions(fns), None, prompts, completions, columns), dtype=torch.float32).T
+
+
+def evaluate(
+    cfg: GRPOConfig,
+    model_path: str,
+    limit: int | None = None,
+    engine: RolloutEngine | None = None,
+    num_generations: int | None = None,
+    rows: list[dict] | None = None,
+    reward_specs: Sequence[RewardSpec] | None = None,
+) -> EvalResult:
+    """Greedy completions for the eval split, graded; with `num_generations` K also K sampled
+    completions per prompt -> `sampled` (pass@1, pass@K, mean@K, as logged during training). vLLM runs in this process."""
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    _, rows = load_datasets(cfg.data)
+    rows = rows if rows is not None else load_datasets(cfg.data)[1]
     rows = rows[:limit] if limit else rows
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompt_ids = tokenizer(render_prompts(tokenizer, rows), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(render_prompts(tokenizer, rows, cfg.chat_template_kwargs), add_special_tokens=False)["input_ids"]
     if engine is None:
         engine = RolloutEngine(EngineSpec.from_config(cfg, model_path))
     greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_tokens=cfg.max_completion_length, logprobs=False)
@@ -46,6 +124,10 @@ def evaluate(cfg: GRPOConfig, model_path: str, limit: int | None = None, engine:
     (values,) = score(resolve_reward_functions([grader]), None, [r["prompt"] for r in rows], completions, columns)
     correct = [v == v and v >= 1.0 for v in values]  # NaN (ungradable) counts as wrong
     examples = [{"question": r["prompt"][-1]["content"], "answer": r.get("answer"), "completion": t, "correct": c} for r, t, c in zip(rows[:5], texts, correct)]
+    sampled = {}
+    if num_generations:
+        ids = [x[-cfg.max_prompt_length:] if cfg.max_prompt_length else x for x in prompt_ids]
+        sampled = sampled_metrics(cfg, rows, engine.generate(ids, eval_sampling(cfg, num_generations), seed=EVAL_SEED), reward_specs or cfg.reward_funcs, _local_score)
     return EvalResult(
         model=model_path,
         task=cfg.data.task,
@@ -53,4 +135,5 @@ def evaluate(cfg: GRPOConfig, model_path: str, limit: int | None = None, engine:
         num_samples=len(correct),
         seconds=time.perf_counter() - t0,
         examples=examples,
+        sampled=sampled,
     )

@@ -18,6 +18,7 @@ from grpo_ray.config import ConfigError, GRPOConfig
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "reward_curve.png"
+COMPLETIONS_FILE = "completions.jsonl"  # log_completions
 TRACKERS_FILE = "trackers.json"  # MLflow / W&B run ids, so --resume continues the same runs
 
 
@@ -35,10 +36,13 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
+def truncate_metrics(output_dir: str | Path, last_step: int, name: str = METRICS_FILE) -> None:
     """Drop lines past `last_step` (steps a crashed run logged after its last checkpoint)."""
-    path = Path(output_dir) / METRICS_FILE
-    rows = [r for r in read_metrics(output_dir) if r.get("step", 0) <= last_step]
+    path = Path(output_dir) / name
+    if name != METRICS_FILE and not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [r for r in rows if r.get("step", 0) <= last_step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json_line(r) for r in rows))
     os.replace(tmp, path)
@@ -64,6 +68,13 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        columns = list(rows[0]) if rows else []
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", " ") for c in columns) + " |" for r in rows]
+        self.writer.add_text(name, "\n".join(lines), step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -81,7 +92,9 @@ class MLflowTracker:
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "grpo-ray")
         experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        # the default local store keeps artifacts (log_completions tables) in OUTPUT_DIR, not ./mlruns
+        local = None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlflow-artifacts").resolve().as_uri()
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name, artifact_location=local)
         if run_id is None:
             run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
             params = [Param(k, str(v)[:500]) for k, v in flatten(cfg.to_dict()).items()]
@@ -94,6 +107,10 @@ class MLflowTracker:
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        data = {c: [r[c] if isinstance(r[c], (int, float, str)) else json.dumps(r[c]) for r in rows] for c in (rows[0] if rows else {})}
+        self.client.log_table(self.run_id, data=data, artifact_file=f"{name}/step_{step}.json")
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
@@ -118,6 +135,13 @@ class WandbTracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
+
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        import wandb
+
+        columns = list(rows[0]) if rows else []
+        data = [[r[c] if isinstance(r[c], (int, float, str)) else json.dumps(r[c]) for c in columns] for r in rows]
+        self.run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -167,12 +191,13 @@ class MetricsLogger:
         self.every = cfg.logging_steps
         self.max_steps = cfg.max_steps
         truncate_metrics(self.dir, resume_step)
+        truncate_metrics(self.dir, resume_step, COMPLETIONS_FILE)
         self.file = open(self.dir / METRICS_FILE, "a", buffering=1)
         self.trackers = open_trackers(self.dir, cfg, resume_step)
 
     def log(self, metrics: dict[str, Any]) -> None:
         step = int(metrics["step"])
-        if step % self.every and step != self.max_steps:
+        if step % self.every and step != self.max_steps and not any(k.startswith("eval/") for k in metrics):
             return
         row = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()}
         row["time"] = round(time.time(), 3)  # wall clock: reward vs wall time, step-to-step overheads
@@ -180,6 +205,16 @@ class MetricsLogger:
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         for tracker in self.trackers.values():
             tracker.log(numeric, step)
+
+    def log_completions(self, rows: list[dict[str, Any]], step: int) -> None:
+        """`log_completions`: the step's (prompt, completion, rewards, advantage) rows, on the
+        logged steps, to OUTPUT_DIR/completions.jsonl and each tracker's table."""
+        if step % self.every and step != self.max_steps:
+            return
+        with open(self.dir / COMPLETIONS_FILE, "a") as f:
+            f.write("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
+        for tracker in self.trackers.values():
+            tracker.log_table("completions", rows, step)
 
     def close(self) -> None:
         self.file.close()
@@ -206,6 +241,10 @@ def plot_reward_curve(output_dir: str | Path, label: str | None = None) -> Path 
     smooth = [sum(mean[max(0, i - window + 1): i + 1]) / len(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
     ax.plot(steps, smooth, linewidth=2, label=f"moving average ({window} steps)")
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    evals = [r for r in read_metrics(output_dir) if any(k.startswith("eval/") for k in r)]
+    for key in sorted({k for r in evals for k in r if k.startswith(("eval/mean@", "eval/pass@"))}):
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o--", markersize=4, label=f"held-out {key[5:]}")
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.set_title(f"GRPO reward: {Path(output_dir).name}")

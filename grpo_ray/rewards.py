@@ -19,12 +19,62 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, Union
 
 from grpo_ray.config import reward_file
 from grpo_ray.text import suggest
 
 RewardFn = Callable[..., Sequence[float | None]]
+
+
+class ByValue:
+    """A reward callable pickled by value (cloudpickle) where it was given, so it reaches Ray
+    workers that cannot import its module (a script's `__main__`, a notebook, a `ray://` client's
+    files). Its `name` is what the config records (`module:qualname`)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        import cloudpickle
+
+        if not callable(fn):
+            raise RewardError(f"reward {fn!r} is a {type(fn).__name__}, not callable: pass a function")
+        self.name = callable_name(fn)
+        module = sys.modules.get(getattr(fn, "__module__", "") or "")
+        by_value = module is not None and _is_user_module(module)
+        if by_value:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            self.blob = cloudpickle.dumps(fn)
+        except Exception as exc:
+            raise RewardError(f"reward {self.name!r} cannot be pickled for the Ray workers ({type(exc).__name__}: {exc}); define it at module level") from None
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
+
+    def load(self) -> RewardFn:
+        import cloudpickle
+
+        return cloudpickle.loads(self.blob)
+
+    def __repr__(self) -> str:
+        return self.name
+
+    __str__ = __repr__
+
+
+RewardSpec = Union[str, ByValue]
+
+
+def callable_name(fn: Callable[..., Any]) -> str:
+    """How a config records a Python reward callable: `module:qualname` (e.g. `__main__:<lambda>`)."""
+    return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', None) or type(fn).__name__}"
+
+
+def _is_user_module(module: Any) -> bool:
+    """A module of the user's own code (not grpo_ray, not an installed package, not the stdlib)."""
+    path = getattr(module, "__file__", None)
+    if module.__name__ == "__main__" or path is None:
+        return module.__name__ != "builtins" and not module.__name__.startswith("grpo_ray")
+    return not module.__name__.startswith("grpo_ray") and "site-packages" not in path and not path.startswith(sys.base_prefix)
 
 
 class RewardError(ValueError):
@@ -267,8 +317,10 @@ def _import_module(name: str, spec_str: str) -> Any:
         ) from exc
 
 
-def resolve_reward_function(spec: str | Callable[..., Any]) -> tuple[str, RewardFn]:
+def resolve_reward_function(spec: str | ByValue | Callable[..., Any]) -> tuple[str, RewardFn]:
     """One spec -> (name, callable). Built-in name, ``pkg.mod:fn``, ``path/file.py:fn``, or a callable."""
+    if isinstance(spec, ByValue):
+        return spec.name, spec.load()
     if callable(spec):
         return getattr(spec, "__qualname__", repr(spec)), spec
     s = str(spec).strip()

@@ -23,10 +23,10 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from grpo_ray import sync
-from grpo_ray.algorithm import combine_rewards, group_advantages
+from grpo_ray.algorithm import compute_advantages
 from grpo_ray.config import GRPOConfig, omp_wait_env
 from grpo_ray.resources import engine_bundle
-from grpo_ray.rewards import RewardError, resolve_reward_functions, score
+from grpo_ray.rewards import RewardError, RewardSpec, completion_text, resolve_reward_functions, score
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,27 @@ class RolloutBatch:
         for i, name in enumerate(self.reward_names):
             out[f"rewards/{name}"] = float(torch.nanmean(self.rewards_per_func[:, i]))
         return out
+
+    def completion_rows(self) -> list[dict[str, Any]]:
+        """`log_completions`' table: one row per completion (TRL's prompt/completion/rewards/advantage)."""
+        def text(prompt: Any) -> str:
+            return prompt if isinstance(prompt, str) else str(prompt[-1].get("content", "")) if prompt else ""
+
+        return [
+            {
+                "prompt": text(self.prompts[i]),
+                "completion": completion_text(self.completions[i]),
+                **{name: _json_float(self.rewards_per_func[i, f]) for f, name in enumerate(self.reward_names)},
+                "reward": _json_float(self.rewards[i]),
+                "advantage": float(self.advantages[i]),
+            }
+            for i in range(len(self))
+        ]
+
+
+def _json_float(x: torch.Tensor) -> float | None:
+    value = float(x)
+    return None if math.isnan(value) else value
 
 
 class RolloutEngine:
@@ -381,7 +402,7 @@ def _score_task(spec: str, prompts: list, completions: list, columns: dict, offs
 
 
 def score_rewards(
-    specs: list[str],
+    specs: list[RewardSpec],
     prompts: list,
     completions: list,
     columns: dict[str, list],
@@ -433,12 +454,12 @@ def _reward_result(ref: ray.ObjectRef) -> Any:
 
 
 @ray.remote(max_retries=0)
-def _import_task(specs: list[str]) -> bool:
+def _import_task(specs: list[RewardSpec]) -> bool:
     resolve_reward_functions(specs)
     return True
 
 
-def check_reward_functions(specs: list[str], timeout_s: float) -> None:
+def check_reward_functions(specs: list[RewardSpec], timeout_s: float) -> None:
     """Import every reward function once, before a run writes anything: a typo or a module that
     does not import fails in seconds. The import runs user code, so it runs where scoring does
     (a Ray worker process, with the scoring timeout), never in the driver."""
@@ -473,11 +494,13 @@ def check_some_rewards(rewards: torch.Tensor, cfg: GRPOConfig, step: int) -> Non
 class Rollout:
     """Generate-and-score: prompt rows in, a scored `RolloutBatch` out (TRL's first half)."""
 
-    def __init__(self, cfg: GRPOConfig, pool: RolloutPool, tokenizer: Any) -> None:
+    def __init__(self, cfg: GRPOConfig, pool: RolloutPool, tokenizer: Any, reward_specs: list[RewardSpec] | None = None) -> None:
         self.cfg = cfg
         self.pool = pool
         self.tokenizer = tokenizer
         self.sampling = SamplingSpec.from_config(cfg)
+        # cfg.reward_funcs names them; the Python API's callables travel pickled by value (rewards.ByValue)
+        self.reward_specs = list(reward_specs) if reward_specs else list(cfg.reward_funcs)
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -501,11 +524,10 @@ class Rollout:
 
         t1 = time.perf_counter()
         per_func = score_rewards(
-            cfg.reward_funcs, prompts, completions, columns, cfg.cluster.reward_timeout_s, num_cpus=cfg.cluster.reward_num_cpus
+            self.reward_specs, prompts, completions, columns, cfg.cluster.reward_timeout_s, num_cpus=cfg.cluster.reward_num_cpus
         )
-        rewards = combine_rewards(per_func, cfg.reward_weights)
+        advantages, rewards = compute_advantages(per_func, G, cfg.reward_weights, cfg.scale_rewards, cfg.multi_objective_aggregation)
         check_some_rewards(rewards, cfg, step)
-        advantages = group_advantages(rewards, G, cfg.scale_rewards)
         score_s = time.perf_counter() - t1
 
         truncated = [t for g in groups for t in g.truncated]

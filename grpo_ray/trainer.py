@@ -32,14 +32,15 @@ import torch
 import torch.distributed as dist
 
 from grpo_ray import sync
-from grpo_ray.algorithm import entropy_from_logits, grpo_loss, selective_log_softmax
+from grpo_ray.algorithm import LossOptions, entropy_from_logits, grpo_loss, selective_log_softmax
 from grpo_ray.checkpoints import load_checkpoint, restore_point, save_checkpoint
 from grpo_ray.config import GRPOConfig, omp_wait_env
 from grpo_ray.data import DataError, PromptSampler, load_datasets, render_prompts
+from grpo_ray.evaluate import evaluate_on_pool
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
 from grpo_ray.ray_compat import quiet_train_report_logs
-from grpo_ray.rewards import RewardError
+from grpo_ray.rewards import RewardError, RewardSpec
 from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool
 
 
@@ -52,6 +53,10 @@ class LoopConfig:
     pool: RolloutPool
     transport: str
     output_dir: str
+    # The Python API's in-memory data (train rows, eval rows) and reward callables (rewards.ByValue),
+    # carried to the workers by Ray; None: read data.* / reward_funcs from the config.
+    datasets: tuple[list[dict], list[dict]] | None = None
+    reward_specs: list[RewardSpec] | None = None
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -89,9 +94,12 @@ def collate(batch: RolloutBatch, idx: list[int], pad_id: int, mask_truncated: bo
     )
 
 
-def completion_logps(model: Any, mb: MicroBatch, temperature: float, entropies: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log p of each completion (and, if asked, the entropy) from one packed forward
-    pass; logits are computed only from the first completion position on, then gathered per pair."""
+def completion_logps(
+    model: Any, mb: MicroBatch, temperature: float, entropies: bool = False, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log p of each completion (and, if asked, the entropy: with its gradient for
+    the entropy bonus) from one packed forward pass; logits are computed only from the first
+    completion position on, then gathered per pair."""
     rows = mb.rows
     config = getattr(model, "module", model).config
     out = model(
@@ -102,7 +110,9 @@ def completion_logps(model: Any, mb: MicroBatch, temperature: float, entropies: 
     )
     logits = out.logits.flatten(0, 1)[rows.logit_index]  # (B, C, V)
     logps = selective_log_softmax(logits, mb.completion_ids, temperature).float()
-    entropy = entropy_from_logits(logits.detach().float() / temperature) if entropies else None
+    entropy = None
+    if entropies:
+        entropy = entropy_from_logits((logits if entropy_grad else logits.detach()).float() / temperature)
     return logps, entropy
 
 
@@ -135,6 +145,8 @@ class Policy:
         self.precision = cfg.resolved_precision(device_supports_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if cfg.disable_dropout:
+            disable_dropout(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -142,7 +154,7 @@ class Policy:
         if notice and ray.train.get_context().get_world_rank() == 0:
             print(f"[grpo-ray] {notice}")
         optimizer = build_optimizer(optim_name, model, cfg)
-        total = cfg.max_steps * cfg.num_iterations
+        total = cfg.max_steps * cfg.optimizer_steps_per_round
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.total_warmup_steps, num_training_steps=total)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.precision)
@@ -159,6 +171,7 @@ class Policy:
         # shared-prompt packing's cost model; inf = one padded row per completion
         self.pair_cost = attention_cost_per_pair(model.config) if cfg.shared_prompt_packing else float("inf")
         self.guard = StepGuard(optimizer, cfg.max_bad_steps, device)
+        self.loss = LossOptions.from_config(cfg)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -170,16 +183,19 @@ class Policy:
 
     @torch.no_grad()
     def frozen_logps(self, mbs: list[MicroBatch]) -> None:
-        """Reference (beta > 0) and old-policy (num_iterations > 1) logps, before any update."""
+        """Reference (beta > 0) and old-policy logps, before any update. The old policy's are
+        needed when one round makes several optimizer steps (num_iterations > 1, or
+        steps_per_generation > gradient_accumulation_steps): all but the first are off-policy."""
         T = self.cfg.temperature
         for mb in mbs:
             if self.ref is not None:
                 mb.ref_logps, _ = completion_logps(self.ref, mb, T)
-            if self.cfg.num_iterations > 1:
+            if self.cfg.optimizer_steps_per_round > 1:
                 mb.old_logps, _ = completion_logps(self.engine, mb, T)
 
     def update(self, batch: RolloutBatch, tokens_in_step: float) -> dict[str, float]:
-        """`num_iterations` optimizer steps over this worker's shard; metrics averaged."""
+        """`optimizer_steps_per_round` optimizer steps over this worker's shard (num_iterations passes
+        over its steps_per_generation micro-batches); metrics averaged."""
         cfg = self.cfg
         world = dist.get_world_size() if dist.is_initialized() else 1
         groups = self.micro_batches(batch)
@@ -187,9 +203,10 @@ class Policy:
         timer = StageTimer()
         with timer("logprobs_s"):
             self.frozen_logps(mbs)
-        # dapo-style losses normalise by the whole step's token count; DeepSpeed averages over
-        # ranks and divides by the accumulation steps, so hand each micro-batch its share.
-        num_items = tokens_in_step / (world * cfg.gradient_accumulation_steps)
+        # dapo-style losses normalise by one optimizer step's share of the round's tokens (TRL:
+        # num_items_in_batch / processes * accumulation / steps_per_generation); DeepSpeed averages
+        # over ranks and divides by the accumulation steps, so hand each micro-batch its share.
+        num_items = tokens_in_step / (world * cfg.resolved_steps_per_generation)
         stats: list[dict[str, float]] = []
         mismatch: list[float] = []
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
@@ -198,20 +215,15 @@ class Policy:
         for iteration in range(cfg.num_iterations):
             for mb in mbs:
                 with timer("logprobs_s"):
-                    logps, entropies = completion_logps(self.engine, mb, cfg.temperature, entropies=cfg.top_entropy_quantile < 1)
+                    logps, entropies = completion_logps(
+                        self.engine, mb, cfg.temperature, entropies=self.loss.needs_entropies, entropy_grad=self.loss.entropy_coef != 0
+                    )
                 if iteration == 0 and mb.sampling_logps is not None:  # the policy vLLM sampled from
                     sampled_from = logps.detach() if mb.old_logps is None else mb.old_logps
                     mismatch.append(_masked_abs_diff(sampled_from, mb.sampling_logps, mb.completion_mask))
                 loss, m = grpo_loss(
-                    logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask,
-                    loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                    delta=cfg.delta, importance_sampling_level=cfg.importance_sampling_level,
-                    max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items,
-                    entropies=entropies, top_entropy_quantile=cfg.top_entropy_quantile, sampling_per_token_logps=mb.sampling_logps,
-                    vllm_importance_sampling_correction=cfg.vllm_importance_sampling_correction,
-                    vllm_importance_sampling_mode=cfg.vllm_importance_sampling_mode,
-                    vllm_importance_sampling_clip_min=cfg.vllm_importance_sampling_clip_min,
-                    vllm_importance_sampling_clip_max=cfg.vllm_importance_sampling_clip_max,
+                    logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask, num_items_in_batch=num_items,
+                    entropies=entropies, sampling_per_token_logps=mb.sampling_logps, **self.loss.kwargs(),
                 )  # fmt: skip
                 with timer("backward_s"):
                     self.engine.backward(loss)
@@ -298,6 +310,13 @@ class StepGuard:
             )
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """TRL's `disable_dropout_in_model`: every `nn.Dropout` to p=0 (the engines never drop out)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def _masked_abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float(((a - b).abs() * mask).sum() / mask.sum().clamp(min=1))
 
@@ -366,8 +385,12 @@ class RolloutQueue:
     submitted after the push returned: generate(t+1) < push(w_t) < generate(t+2), always.
     Generation runs on one background thread (the Ray calls block in C++, without the GIL)."""
 
-    def __init__(self, rollout: Rollout, sampler: PromptSampler, tokenizer: Any, staleness: int, max_steps: int, start: int = 0) -> None:
+    def __init__(
+        self, rollout: Rollout, sampler: PromptSampler, tokenizer: Any, staleness: int, max_steps: int, start: int = 0,
+        chat_template_kwargs: dict | None = None,
+    ) -> None:  # fmt: skip
         self.rollout, self.sampler, self.tokenizer = rollout, sampler, tokenizer
+        self.chat_template_kwargs = chat_template_kwargs
         self.staleness, self.max_steps = staleness, max_steps
         self.submitted = start  # the last step whose rollout was submitted
         self.inflight: deque[InFlight] = deque()
@@ -399,7 +422,8 @@ class RolloutQueue:
     def _submit(self, step: int, version: int) -> None:
         state = self.sampler.state_dict()
         rows = self.sampler.next_batch()
-        future = self.executor.submit(self.rollout.generate_and_score, rows, render_prompts(self.tokenizer, rows), step)
+        prompts = render_prompts(self.tokenizer, rows, self.chat_template_kwargs)
+        future = self.executor.submit(self.rollout.generate_and_score, rows, prompts, step)
         self.inflight.append(InFlight(step, version, state, future))
 
     def drain(self) -> float:
@@ -431,6 +455,8 @@ class Worker:
     sampler: PromptSampler | None = None  # rank 0 only
     queue: RolloutQueue | None = None  # rank 0 only
     logger: MetricsLogger | None = None  # rank 0 only
+    eval_rows: list[dict] | None = None  # rank 0 only
+    last_batch: RolloutBatch | None = None  # rank 0: the step's whole batch (log_completions)
 
 
 def next_batch(w: Worker, step: int) -> tuple[RolloutBatch, int]:
@@ -450,6 +476,7 @@ def grpo_step(w: Worker, step: int) -> dict[str, float]:
     """One GRPO step, top to bottom: rollout, update, weight sync."""
     t0 = time.perf_counter()
     batch, staleness = next_batch(w, step)  # generate + score (TRL's first half); async: already done
+    w.last_batch = batch if w.rank == 0 else None
     t1 = time.perf_counter()
     masked = w.cfg.mask_truncated_completions
     tokens = max(1.0, float(sum(len(c) for c, cut in zip(batch.completion_ids, batch.truncated) if not (masked and cut))))
@@ -547,9 +574,9 @@ def train_loop_per_worker(loop: dict) -> None:
     pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device)
     w = Worker(cfg, rank, world, policy, pusher, tokenizer)
     if rank == 0:
-        train_rows, _ = load_datasets(cfg.data)
+        train_rows, w.eval_rows = lc.datasets or load_datasets(cfg.data)
         w.sampler = PromptSampler(train_rows, cfg.prompts_per_step, seed=cfg.seed)
-        w.rollout = Rollout(cfg, lc.pool, tokenizer)
+        w.rollout = Rollout(cfg, lc.pool, tokenizer, lc.reward_specs)
     start = 0
     checkpoint = restore_point(ray.train.get_checkpoint(), lc.output_dir)
     if checkpoint is not None:
@@ -564,13 +591,20 @@ def train_loop_per_worker(loop: dict) -> None:
     # whatever checkpoint (or none) this attempt starts from. Give them this attempt's policy.
     w.pusher.push()
     if rank == 0:
-        w.queue = RolloutQueue(w.rollout, w.sampler, tokenizer, cfg.staleness, cfg.max_steps, start)
+        w.queue = RolloutQueue(w.rollout, w.sampler, tokenizer, cfg.staleness, cfg.max_steps, start, cfg.chat_template_kwargs)
         lc.pool.on_restart = w.queue.guarded(pusher.resync)  # a restarted engine gets the current weights
     bar = progress_bar(cfg, start) if rank == 0 else None
+    eval_every = cfg.resolved_eval_steps
+    if rank == 0 and eval_every and cfg.eval_on_start and start == 0:
+        w.logger.log({"step": 0, **evaluate_on_pool(cfg, lc.pool, tokenizer, w.eval_rows, w.rollout.reward_specs)})
     for step in range(start + 1, cfg.max_steps + 1):
         metrics = grpo_step(w, step)
+        if rank == 0 and eval_every and step % eval_every == 0:  # engines hold this step's weights, idle
+            metrics.update(evaluate_on_pool(cfg, lc.pool, tokenizer, w.eval_rows, w.rollout.reward_specs))
         if w.logger is not None:
             w.logger.log(metrics)
+            if cfg.log_completions:
+                w.logger.log_completions(w.last_batch.completion_rows(), step)
         if bar is not None:
             bar.update(1)
             bar.set_description(f"GRPO reward {metrics['reward_mean']:.3f} loss {metrics['loss']:+.4f}")

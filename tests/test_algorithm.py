@@ -634,3 +634,24 @@ def test_entropy_matches_trl():
     logits = torch.randn(3, 300, 20, generator=torch.Generator().manual_seed(32))
     torch.testing.assert_close(entropy_from_logits(logits), trl_utils.entropy_from_logits(logits))
     torch.testing.assert_close(entropy_from_logits(torch.zeros(2, 8)), torch.full((2,), math.log(8)))
+
+
+def test_loss_options_name_every_run_constant_grpo_loss_keyword_once():
+    """`LossOptions` is the one list of loss options: each is a `grpo_loss` keyword and a GRPOConfig field
+    (so the trainer passes `**LossOptions.from_config(cfg).kwargs()` and a new option is named once)."""
+    import dataclasses
+    import inspect
+
+    from grpo_ray.algorithm import LossOptions
+    from grpo_ray.config import GRPOConfig
+
+    keywords = {p.name for p in inspect.signature(grpo_loss).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    options = {f.name for f in dataclasses.fields(LossOptions)}
+    per_batch = {"num_items_in_batch", "entropies", "sampling_per_token_logps", "vllm_importance_sampling_cap"}
+    assert keywords - options == per_batch and options <= keywords
+    cfg = GRPOConfig(loss_type="sapo", sapo_temperature_neg=2.0, entropy_coef=0.1, use_bias_correction_kl=False, off_policy_mask_threshold=0.5)
+    opts = LossOptions.from_config(cfg)
+    assert (opts.loss_type, opts.sapo_temperature_neg, opts.entropy_coef, opts.use_bias_correction_kl, opts.off_policy_mask_threshold) == ("sapo", 2.0, 0.1, False, 0.5)
+    assert opts.needs_entropies and not LossOptions.from_config(GRPOConfig()).needs_entropies
+    # LossOptions' defaults are TRL's (= GRPOConfig's)
+    assert LossOptions.from_config(GRPOConfig(max_completion_length=None or 512)) == dataclasses.replace(LossOptions(), max_completion_length=512)

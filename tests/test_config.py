@@ -115,14 +115,20 @@ def _raises(raw: dict) -> str:
 
 
 # ---------------------------------------------------------------------- the seed guide
-def test_seed_basic_config_exactly_as_written_is_rejected_with_a_batch_fix(tmp_path):
-    """1 x 4 x 1 worker = 4 completions per step < one group of 8: TRL 1.16 rejects this too
-    (generation_batch_size (4) must be divisible by num_generations (8)). The error must say how to fix it."""
+def test_seed_basic_config_exactly_as_written_rounds_the_generation_round_up_to_a_group(tmp_path, caplog):
+    """1 x 4 x 1 worker = 4 completions < one group of 8: TRL 1.16 rejects this (generation_batch_size (4)
+    must be divisible by num_generations (8)). grpo-ray runs it: with steps_per_generation unset, one
+    generation round of 8 completions feeds two optimizer steps of 4, and the log says so once."""
+    caplog.set_level("WARNING", logger="grpo_ray")
+    cfg = _load(tmp_path, SEED_YAML)
+    assert (cfg.resolved_steps_per_generation, cfg.completions_per_step, cfg.optimizer_steps_per_round) == (8, 8, 2)
+    assert cfg.steps_per_generation is None and cfg.generation_batch_size is None  # run_config.yaml keeps what was set
+    assert any("steps_per_generation=8" in r.getMessage() for r in caplog.records)
+    # An explicit steps_per_generation that splits a group is refused, with the fix.
     with pytest.raises(ConfigError) as exc_info:
-        _load(tmp_path, SEED_YAML)
+        _load(tmp_path, SEED_YAML + "steps_per_generation: 4\n")
     msg = _error(exc_info)
-    assert "= 4 completions per step" in msg and "num_generations=8" in msg
-    assert "gradient_accumulation_steps=8" in msg  # the fix hint: 1 x 8 x 1 = 8
+    assert "= 4 completions per generation round" in msg and "steps_per_generation=8" in msg
 
 
 def test_seed_basic_config_loads_from_yaml_once_the_batch_holds_a_group(tmp_path):
@@ -362,19 +368,22 @@ def test_range_checks_name_field_and_fix(raw, field, hint):
 
 
 def test_batch_not_divisible_by_num_generations_names_every_factor_and_a_fix():
-    raw = {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 1, "num_generations": 4, "cluster": {"num_trainer_workers": 2}}
+    raw = {"per_device_train_batch_size": 3, "steps_per_generation": 1, "num_generations": 4, "cluster": {"num_trainer_workers": 2}}
     msg = _raises(raw)
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "cluster.num_trainer_workers", "num_generations=4"):
+    for name in ("per_device_train_batch_size", "steps_per_generation", "cluster.num_trainer_workers", "num_generations=4"):
         assert name in msg
     assert "= 6 completions" in msg
-    assert "gradient_accumulation_steps=2" in msg  # 3 x 2 x 2 = 12, the smallest multiple of 4
-    fixed = GRPOConfig.from_dict(merge(raw, {"gradient_accumulation_steps": 2}))
+    assert "steps_per_generation=2" in msg  # 3 x 2 x 2 = 12, the smallest multiple of 4
+    fixed = GRPOConfig.from_dict(merge(raw, {"steps_per_generation": 2}))
     assert (fixed.completions_per_step, fixed.prompts_per_step) == (12, 3)
+    # unset, the round is rounded up to the same fix
+    auto = GRPOConfig.from_dict({k: v for k, v in raw.items() if k != "steps_per_generation"})
+    assert (auto.resolved_steps_per_generation, auto.completions_per_step) == (2, 12)
 
 
 def test_batch_divisibility_counts_trainer_workers():
     # 2 x 2 = 4 completions: not a group of 8 on one worker, exactly one on two
-    raw = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "num_generations": 8}
+    raw = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "steps_per_generation": 2, "num_generations": 8}
     assert "= 4 completions" in _raises(raw)
     assert GRPOConfig.from_dict(merge(raw, {"cluster": {"num_trainer_workers": 2}})).prompts_per_step == 1
 
@@ -567,6 +576,7 @@ def test_parse_override_malformed_value_is_a_config_error():
         (False, True, True, True, "fp16"),
         (False, "auto", True, True, "fp16"),
         (False, "auto", False, True, "fp32"),
+        (False, True, False, False, "fp32"),  # fp16 on CPU (the seed on a CPU machine): fp32, with a notice
         ("true", "false", False, False, "bf16"),  # YAML strings coerced to bools
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,31 @@ def test_a_missing_tracker_package_is_a_one_line_error_before_any_work(monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match=r"report_to: 'wandb' needs the wandb package: pip install 'grpo-ray\[trackers\]'"):
         check_trackers(GRPOConfig(report_to=["tensorboard", "wandb"]))
+
+
+def test_log_completions_table_goes_to_the_file_and_every_tracker_and_resume_cuts_it(tmp_path, tracker_env):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from grpo_ray.metrics import COMPLETIONS_FILE
+
+    out = tmp_path / "run"
+    cfg = GRPOConfig(report_to="all", logging_steps=2, max_steps=4)
+    rows = [{"prompt": "1+1", "completion": "\\boxed{2}", "accuracy": 1.0, "reward": 1.0, "advantage": 0.5}]
+    logger = MetricsLogger(out, cfg)
+    for step in (1, 2, 3):
+        logger.log_completions(rows, step)  # logged steps only: 2
+    run_id = logger.trackers["mlflow"].run_id
+    logger.close()
+    lines = [json.loads(line) for line in (out / COMPLETIONS_FILE).read_text().splitlines()]
+    assert lines == [{"step": 2, **rows[0]}]
+    artifacts = [a.path for a in MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").list_artifacts(run_id, "completions")]
+    assert artifacts == ["completions/step_2.json"]
+    assert (out / "mlflow-artifacts").is_dir() and not Path("mlruns").exists()  # inside OUTPUT_DIR, not the cwd
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert any("completions" in tag for tag in events.Tags()["tensors"])
+    assert list((out / "wandb").glob("offline-run-*/files/media/table/completions_*.table.json"))
+    # a resume from step 0 cuts the table back like metrics.jsonl
+    MetricsLogger(out, cfg, resume_step=1).close()
+    assert (out / COMPLETIONS_FILE).read_text() == ""

@@ -93,3 +93,35 @@ def test_missing_weight_shard_is_named(tiny_model_path, tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelError, match=r"1 of 2 weight shards .* missing \(model-00002-of-00002.safetensors\)"):
         resolve_model_path(str(folder))
+
+
+def test_disable_dropout_matches_trl():
+    """disable_dropout: every nn.Dropout at p=0, as TRL's disable_dropout_in_model."""
+    import torch
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from grpo_ray.trainer import disable_dropout
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3), torch.nn.Sequential(torch.nn.Dropout(0.1)))
+
+    ours, theirs = make(), make()
+    disable_dropout(ours)
+    disable_dropout_in_model(theirs)
+    assert [m.p for m in ours.modules() if isinstance(m, torch.nn.Dropout)] == [0.0, 0.0]
+    assert [m.p for m in ours.modules() if isinstance(m, torch.nn.Dropout)] == [m.p for m in theirs.modules() if isinstance(m, torch.nn.Dropout)]
+    x = torch.randn(8, 4)
+    ours.train()
+    torch.testing.assert_close(ours(x), ours[0](x))  # train mode, yet nothing dropped
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from grpo_ray.data import render_prompts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    tok.chat_template = tok.chat_template + "{% if enable_thinking is defined and not enable_thinking %}<no_think>{% endif %}"
+    rows = [{"prompt": [{"role": "user", "content": "1+1"}]}]
+    assert not render_prompts(tok, rows)[0].endswith("<no_think>")
+    assert render_prompts(tok, rows, {"enable_thinking": False})[0].endswith("<no_think>")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from grpo_ray import algorithm, sync
-from grpo_ray.config import CONFIG_LOSS_TYPES, IS_MODES, LOSS_TYPES, TRANSPORTS, ConfigError, GRPOConfig, reward_file
+from grpo_ray.config import IS_MODES, LOSS_TYPES, TRANSPORTS, ConfigError, GRPOConfig, reward_file
 from grpo_ray.jobs import local_references
 from grpo_ray.resources import engine_bundle, required_cpus, run_bundles, total, trainer_bundle
 from grpo_ray.rollout import EngineSpec
@@ -84,6 +84,7 @@ def test_engine_spec_carries_dtype_gpu_and_tensor_parallelism_for_training_and_e
 
 def test_each_choice_list_has_one_owner():
     assert algorithm.LOSS_TYPES is LOSS_TYPES and sync.TRANSPORTS is TRANSPORTS and algorithm.IS_MODES is IS_MODES
-    assert set(LOSS_TYPES) - set(CONFIG_LOSS_TYPES) == {"vespo"}  # computed by algorithm, not yet selectable
-    with pytest.raises(ConfigError, match=r"loss_type='vespo' is not supported"):
-        GRPOConfig(loss_type="vespo")
+    for loss in LOSS_TYPES:  # every loss algorithm computes is selectable, and nothing else is
+        assert GRPOConfig(loss_type=loss, vllm_importance_sampling_mode="token_truncate").loss_type == loss
+    with pytest.raises(ConfigError, match=r"loss_type='nope' is not supported"):
+        GRPOConfig(loss_type="nope")

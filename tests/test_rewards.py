@@ -200,3 +200,35 @@ def test_score_errors() -> None:
         score([("a", _bad_length)], None, ["p"] * 2, ["a", "b"], {"answer": ["x"]})
     with pytest.raises(RewardError, match="'accuracy' raised RewardError|needs an 'answer' column"):
         score(resolve_reward_functions(["accuracy"]), None, ["p"], ["a"], {})
+
+
+def test_by_value_reward_loads_where_its_module_cannot_be_imported(tmp_path):
+    """rewards.ByValue pickles a user module's function by value: a fresh process without the module
+    runs it. Negative control: plain cloudpickle pickles it by reference, and that process fails."""
+    import importlib.util
+    import pickle
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    from grpo_ray.rewards import ByValue, resolve_reward_function
+
+    path = tmp_path / "user_rewards_xyz.py"
+    path.write_text("def short(prompts, completions, **kw):\n    return [float(len(c) < 5) for c in completions]\n")
+    spec = importlib.util.spec_from_file_location("user_rewards_xyz", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["user_rewards_xyz"] = module
+    spec.loader.exec_module(module)
+    try:
+        spec_obj = ByValue(module.short)
+        by_ref = cloudpickle.dumps(module.short)
+    finally:
+        sys.modules.pop("user_rewards_xyz")
+    assert spec_obj.name == "user_rewards_xyz:short" and str(spec_obj) == "user_rewards_xyz:short"
+    assert resolve_reward_function(spec_obj)[1](["p", "p"], ["ab", "abcdef"]) == [1.0, 0.0]
+    code = "import pickle, sys; spec = pickle.loads(sys.stdin.buffer.read()); print(spec.load()(['p'], ['ab']))"
+    ok = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(spec_obj), capture_output=True, cwd="/", timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip() == b"[1.0]", ok.stderr[-500:]
+    bad = subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"], input=by_ref, capture_output=True, cwd="/", timeout=120)
+    assert bad.returncode != 0 and b"user_rewards_xyz" in bad.stderr

@@ -98,7 +98,7 @@ def test_bare_space_dotted_keys_numeric_strings_and_fixed(tmp_path):
         ("space: {learning_rate: {loguniform: [1.0e-4, 1.0e-6]}}", "needs low < high"),
         ("space: {learning_rate: {log_uniform: [1.0e-6, 1.0e-4]}}", "unknown distribution 'log_uniform': did you mean 'loguniform'?"),
         ("space: {learning_rate: 1.0e-5}", "expected one distribution"),
-        ("space: {num_generations: {choice: [3, 8]}}", "not divisible by num_generations=3"),
+        ("space: {num_generations: {choice: [1, 8]}}", "num_generations=1: GRPO needs at least 2"),
         ("space: {preset: {grid: [balanced, wild]}}", "unknown preset 'wild'"),
         ("spcae: {beta: {choice: [0.0]}}", "unknown study key 'spcae': did you mean 'space'?"),
         ("scheduler: hyperband\nspace: {beta: {choice: [0.0]}}", "scheduler='hyperband' is not supported"),
