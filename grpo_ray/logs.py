@@ -22,7 +22,7 @@ LOGS_DIR = "logs"
 
 
 # Lines ray.init logs on the driver at every start, for nothing the user must act on: the local
-# Ray's token authentication (README "What listens where"), the start itself, and the SIGTERM
+# Ray's token authentication (README "Using it"), the start itself, and the SIGTERM
 # handler that grpo_ray/cluster.py installs itself.
 RAY_NOTICES = {
     "worker": ("Started a local Ray instance", "Connecting to existing Ray cluster", "SIGTERM handler is not set"),
