@@ -67,12 +67,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if args.data:
         cfg = cfg.with_overrides({"data": {"task": args.data}})
-    model = resolve_model_path(args.model or cfg.model_name_or_path)
+    from grpo_ray.lora import is_checkpoint
+
+    model = args.model or cfg.model_name_or_path
+    model = model if is_checkpoint(model) else resolve_model_path(model)  # a checkpoint / adapter is merged for vLLM
     result = evaluate(cfg, model, limit=args.limit)
     line = {"model": result.model, "task": result.task, "accuracy": result.accuracy, "num_samples": result.num_samples, "seconds": round(result.seconds, 1)}
     print(json.dumps(line))
     if args.output:
         Path(args.output).write_text(json.dumps({**line, "examples": result.examples}, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from grpo_ray.config import ConfigError
+    from grpo_ray.lora import export_merged
+
+    if not args.merge:
+        raise ConfigError("grpo-ray export: pass --merge (adapter + base -> one HF model folder; the adapter itself is already in CHECKPOINT/model)")
+    print(f"merged model: {export_merged(args.checkpoint, args.out)}")
     return 0
 
 
@@ -115,11 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="held-out accuracy of a model with vLLM")
     common(ev)
-    ev.add_argument("--model", help="model folder or built-in name (default: the config's model)")
+    ev.add_argument("--model", help="model folder, LoRA checkpoint or built-in name (default: the config's model)")
     ev.add_argument("--data", help="task, e.g. reasoning_gym/chain_sum, arith, or a .jsonl path")
     ev.add_argument("--limit", type=int, help="evaluate only the first N eval rows")
     ev.add_argument("--output", help="write the result and a few examples as JSON")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="write a LoRA checkpoint as one merged HF model folder (transformers / vLLM)")
+    ex.add_argument("--merge", action="store_true", help="merge the adapter into its base (the only export there is)")
+    ex.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint_* dir, its model/ folder or a PEFT adapter folder")
+    ex.add_argument("out", metavar="OUT", help="the merged model folder to write")
+    ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    ex.set_defaults(func=cmd_export)
 
     # Hyperparameter search (grpo_ray/tuning.py, tune/README.md): every trial is a whole GRPO run.
     tn = sub.add_parser("tune", help="hyperparameter search over GRPO runs with Ray Tune (ASHA / PBT / FIFO)")

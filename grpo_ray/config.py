@@ -26,6 +26,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 WEIGHT_SYNC = ("auto", "gloo", "nccl", "object_store")
+LORA_SYNC = ("merged", "adapter")
 # How the OpenMP threads of the engines and trainer workers wait between parallel regions
 # (libgomp, which torch's CPU wheels use). Its default spins for ~300k pauses (milliseconds) on a
 # core that another process could use. When generation and the update run at once on the same
@@ -176,12 +177,27 @@ class GRPOConfig:
     # generation"); the batch trained at step t was then sampled by weights `staleness` updates old.
     async_generation: bool = False
     max_staleness: int | None = None  # None: 1 with async_generation, else 0
+    # --- LoRA / PEFT (TRL ModelConfig names and defaults; README "LoRA"). Only the adapter trains;
+    # the KL reference is the base with the adapter disabled.
+    use_peft: bool = False  # also switched on by a non-empty peft_config (TRL: passing peft_config)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None: every linear layer but the output head ("all-linear")
+    lora_modules_to_save: list[str] | None = None
+    peft_config: dict | None = None  # any other peft.LoraConfig field (e.g. use_rslora: true); wins over lora_*
+    # grpo-ray: how vLLM gets the adapter. merged: base + s·B·A of the adapted layers;
+    # adapter: vLLM serves the base with enable_lora and takes only the adapter tensors
+    lora_sync: str = "merged"
+    load_in_4bit: bool = False  # QLoRA (bitsandbytes, CUDA only)
     # --- grpo-ray's own sections
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         self.report_to = normalize_report_to(self.report_to)
+        if self.peft_config and not self.use_peft:  # TRL: a peft_config given means LoRA
+            self.use_peft = True
         _validate(self)
 
     # ------------------------------------------------------------------ derived sizes
@@ -547,6 +563,15 @@ def _validate(c: GRPOConfig) -> None:
         f"per_device_train_batch_size * gradient_accumulation_steps * cluster.num_trainer_workers = {total} "
         f"completions per step is not divisible by num_generations={c.num_generations}: "
         f"make it a multiple (e.g. gradient_accumulation_steps={_fix_accum(c)})",
+    )
+    one_of("lora_sync", c.lora_sync, LORA_SYNC)
+    _require(c.lora_r >= 1, f"lora_r={c.lora_r}: the LoRA rank must be >= 1, e.g. 16")
+    _require(c.lora_alpha > 0, f"lora_alpha={c.lora_alpha}: must be > 0, e.g. 32 (the update is scaled by lora_alpha / lora_r)")
+    _require(0 <= c.lora_dropout < 1, f"lora_dropout={c.lora_dropout}: must be in [0, 1), e.g. 0.05")
+    _require(c.use_peft or not c.load_in_4bit, "load_in_4bit=true trains a LoRA on a 4-bit base (QLoRA): set use_peft: true too")
+    _require(
+        not (c.load_in_4bit and c.cluster.zero_stage == 3),
+        "load_in_4bit=true with cluster.zero_stage=3: DeepSpeed cannot partition 4-bit weights; use zero_stage 0 or 2",
     )
     d = c.data
     _require(d.size >= 1, f"data.size={d.size}: must be >= 1")

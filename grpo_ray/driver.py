@@ -20,6 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from grpo_ray.config import GRPOConfig
 from grpo_ray.data import load_datasets
 from grpo_ray.evaluate import evaluate
+from grpo_ray.lora import check_model as check_peft
 from grpo_ray.metrics import METRICS_FILE, check_trackers, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
 from grpo_ray.rollout import EngineSpec, RolloutPool, check_reward_functions
@@ -188,6 +189,8 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, callba
     check_output_dir(cfg, resume, overwrite)
     check_trackers(cfg)
     model_path = resolve_model_path(cfg.model_name_or_path)
+    if cfg.use_peft:
+        check_peft(cfg, model_path)  # a LoRA target that does not exist fails here, before Ray starts
     load_datasets(cfg.data)  # a bad data file fails here, before OUTPUT_DIR holds anything
     init_ray(cfg)
     check_reward_functions(cfg.reward_funcs, cfg.cluster.reward_timeout_s)

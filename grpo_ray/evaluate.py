@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from grpo_ray.config import GRPOConfig
 from grpo_ray.data import RG_PREFIXES, load_datasets, render_prompts
+from grpo_ray.lora import servable
 from grpo_ray.rewards import resolve_reward_functions, score
 from grpo_ray.rollout import EngineSpec, RolloutEngine, SamplingSpec
 
@@ -27,7 +28,15 @@ def grader_for(task: str) -> str:
 
 
 def evaluate(cfg: GRPOConfig, model_path: str, limit: int | None = None, engine: RolloutEngine | None = None) -> EvalResult:
-    """Greedy completions for the eval split, graded; runs vLLM in this process."""
+    """Greedy completions for the eval split, graded; runs vLLM in this process. `model_path` is
+    an HF model folder, a LoRA adapter folder or a grpo-ray checkpoint (merged on the fly)."""
+    if engine is None:
+        with servable(model_path) as folder:
+            return _evaluate(cfg, folder, limit, None, shown=model_path)
+    return _evaluate(cfg, model_path, limit, engine, shown=model_path)
+
+
+def _evaluate(cfg: GRPOConfig, model_path: str, limit: int | None, engine: RolloutEngine | None, shown: str) -> EvalResult:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -48,7 +57,7 @@ def evaluate(cfg: GRPOConfig, model_path: str, limit: int | None = None, engine:
     correct = [v == v and v >= 1.0 for v in values]  # NaN (ungradable) counts as wrong
     examples = [{"question": r["prompt"][-1]["content"], "answer": r.get("answer"), "completion": t, "correct": c} for r, t, c in zip(rows[:5], texts, correct)]
     return EvalResult(
-        model=model_path,
+        model=shown,
         task=cfg.data.task,
         accuracy=sum(correct) / max(len(correct), 1),
         num_samples=len(correct),

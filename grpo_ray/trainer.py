@@ -34,7 +34,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from grpo_ray import sync
+from grpo_ray import lora, sync
 from grpo_ray.algorithm import entropy_from_logits, grpo_loss, selective_log_softmax
 from grpo_ray.config import GRPOConfig, omp_wait_env
 from grpo_ray.data import DataError, PromptSampler, load_datasets, render_prompts
@@ -140,10 +140,12 @@ class Policy:
         self.pad_id = pad_id
         self.precision = cfg.resolved_precision(device_supports_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **lora.load_kwargs(cfg))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        if cfg.use_peft:
+            model = lora.wrap(model, cfg)
         optim_name, notice = cfg.resolved_optim(on_gpu=device.type == "cuda")
         if notice and ray.train.get_context().get_world_rank() == 0:
             print(f"[grpo-ray] {notice}")
@@ -156,7 +158,9 @@ class Policy:
         if cfg.cluster.zero_stage == 0 and (not dist.is_initialized() or dist.get_world_size() == 1):
             self.engine.enable_backward_allreduce = False  # averaging over one rank: ~20 ms/step of copies on CPU
         self.ref = None
-        if cfg.beta > 0:
+        # LoRA: what vLLM gets after each update; the KL reference is the base with the adapter off
+        self.merged = lora.MergedSync(self.engine.module) if cfg.use_peft else None
+        if cfg.beta > 0 and not cfg.use_peft:
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
             if cfg.cluster.zero_stage == 3:  # partition the frozen copy too
                 ref = deepspeed.initialize(model=ref, config=deepspeed_config(cfg, self.precision, inference=True))[0]
@@ -181,6 +185,9 @@ class Policy:
         for mb in mbs:
             if self.ref is not None:
                 mb.ref_logps, _ = completion_logps(self.ref, mb, T)
+            elif self.cfg.beta > 0:  # LoRA
+                with lora.reference(self.module):
+                    mb.ref_logps, _ = completion_logps(self.engine, mb, T)
             if self.cfg.num_iterations > 1:
                 mb.old_logps, _ = completion_logps(self.engine, mb, T)
 
@@ -243,6 +250,9 @@ class Policy:
         import deepspeed
 
         zero3 = self.cfg.cluster.zero_stage == 3
+        if self.merged is not None:
+            yield from self.merged.weights(zero3, self.sync_dtype)
+            return
         for _, param in named:
             ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else nullcontext()
             with ctx:
@@ -351,9 +361,9 @@ def deepspeed_config(cfg: GRPOConfig, precision: str, inference: bool = False) -
 def save_checkpoint(policy: Policy, tokenizer: Any, step: int, state: dict, rank: int) -> str:
     """A Ray Train checkpoint dir: DeepSpeed state (all ranks) + HF model and trainer state (rank 0)."""
     root = tempfile.mkdtemp(prefix=f"grpo-ckpt-{step}-")
-    policy.engine.save_checkpoint(os.path.join(root, DS_DIR), tag="state")
+    policy.engine.save_checkpoint(os.path.join(root, DS_DIR), tag="state", **lora.ds_save_kwargs(policy.cfg))
     zero3 = policy.cfg.cluster.zero_stage == 3
-    weights = policy.engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    weights = (lora.adapter_state_dict(policy.module, zero3) if policy.merged else policy.engine._zero3_consolidated_16bit_state_dict()) if zero3 else None
     if rank == 0:
         model_dir = os.path.join(root, MODEL_DIR)
         policy.module.save_pretrained(model_dir, state_dict=weights, safe_serialization=True)
@@ -425,7 +435,7 @@ def restore_point(given: ray.train.Checkpoint | None, output_dir: str) -> ray.tr
 
 def load_checkpoint(policy: Policy, checkpoint: ray.train.Checkpoint) -> dict:
     with checkpoint.as_directory() as root:
-        policy.engine.load_checkpoint(os.path.join(root, DS_DIR), tag="state")
+        policy.engine.load_checkpoint(os.path.join(root, DS_DIR), tag="state", **lora.ds_load_kwargs(policy.cfg))
         return json.loads(Path(root, TRAINER_STATE).read_text())
 
 
@@ -642,7 +652,7 @@ def train_loop_per_worker(loop: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(lc.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = Policy(cfg, lc.model_path, device, pad_id)
-    pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device)
+    pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device, named=policy.merged and policy.merged.named)
     w = Worker(cfg, rank, world, policy, pusher, tokenizer)
     if rank == 0:
         train_rows, _ = load_datasets(cfg.data)
