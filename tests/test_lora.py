@@ -118,3 +118,14 @@ def test_adapter_checkpoint_loads_in_peft_and_exports_merged(tmp_path, tiny_mode
     assert lora.is_checkpoint(tmp_path / "ckpt") and lora.is_checkpoint(out) and not lora.is_checkpoint(tiny_model_path)
     with pytest.raises(ConfigError, match="holds no adapter_config.json"):
         lora.export_merged(tiny_model_path, tmp_path / "x")
+
+
+def test_lora_keys_default_as_in_trl_model_config():
+    import dataclasses
+
+    import trl
+
+    theirs = {f.name: f.default for f in dataclasses.fields(trl.ModelConfig)}
+    ours = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    for name in ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "load_in_4bit"):
+        assert ours[name] == theirs[name], name
