@@ -21,6 +21,7 @@ from grpo_ray.config import GRPOConfig
 from grpo_ray.data import load_datasets
 from grpo_ray.evaluate import evaluate
 from grpo_ray.lora import check_model as check_peft
+from grpo_ray.lora import engine_adapter_config
 from grpo_ray.metrics import METRICS_FILE, check_trackers, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
 from grpo_ray.rollout import EngineSpec, RolloutPool, check_reward_functions
@@ -124,6 +125,7 @@ def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:
         gpu_memory_utilization=cfg.cluster.gpu_memory_utilization,
         use_gpu=cfg.cluster.use_gpu,
         env_vars=cfg.process_env(),
+        adapter_config=engine_adapter_config(cfg),
     )
 
 

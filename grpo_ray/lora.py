@@ -118,7 +118,7 @@ def check_model(cfg: GRPOConfig, model_path: str) -> None:
 
     config = lora_config(cfg)
     if cfg.lora_sync == "adapter":
-        raise ConfigError(adapter_sync_refusal(cfg))
+        check_adapter_sync(cfg, config)
     if cfg.load_in_4bit and not cfg.cluster.use_gpu:
         raise ConfigError("load_in_4bit=true (QLoRA) needs bitsandbytes on a CUDA GPU: set cluster.use_gpu: true, or load_in_4bit: false on CPU")
     with torch.device("meta"):
@@ -126,8 +126,12 @@ def check_model(cfg: GRPOConfig, model_path: str) -> None:
     check_targets(model, config)
 
 
-def adapter_sync_refusal(cfg: GRPOConfig) -> str:
-    return "lora_sync='adapter' is not available in this build: use lora_sync: merged (sends base + s·B·A of the adapted layers)"
+def check_adapter_sync(cfg: GRPOConfig, config: Any) -> None:
+    """What vLLM's LoRA serving cannot take: refused in one line (lora_sync: merged takes them)."""
+    if config.modules_to_save:
+        raise ConfigError("lora_sync='adapter' with lora_modules_to_save: vLLM serves LoRA adapters without trained full modules; use lora_sync: merged")
+    if max([config.r, *(config.rank_pattern or {}).values()]) > VLLM_LORA_RANKS[-1]:
+        raise ConfigError(f"lora_sync='adapter': vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; lower lora_r or use lora_sync: merged")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -176,6 +180,10 @@ class SyncTensor:
 
             return dequantize_module_weight(self.module)
         return self.param.data
+
+
+def sync_plan(model: torch.nn.Module, cfg: GRPOConfig) -> "MergedSync | AdapterSync":
+    return AdapterSync(model) if cfg.lora_sync == "adapter" else MergedSync(model)
 
 
 class MergedSync:
@@ -232,6 +240,63 @@ class MergedSync:
                 if t.layer is not None:
                     w = w.float() + t.layer.get_delta_weight(ADAPTER_NAME).float()
                 yield w.to(dtype)
+
+
+class AdapterSync:
+    """`lora_sync: adapter`: only the adapter's A and B matrices, under PEFT's saved names
+    (`base_model.model.<module>.lora_A.weight`), which vLLM loads as a new adapter version."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.tensors = [(n.replace(f".{ADAPTER_NAME}.", "."), p) for n, p in model.named_parameters() if "lora_" in n]
+
+    @property
+    def named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return self.tensors
+
+    def weights(self, zero3: bool, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        import deepspeed
+
+        for _, p in self.tensors:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero3 else nullcontext():
+                yield p.data.to(dtype)
+
+
+# ----------------------------------------------------------------------------- vLLM side (lora_sync: adapter)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's allowed max_lora_rank values
+
+
+def engine_adapter_config(cfg: GRPOConfig) -> dict | None:
+    """The peft config an engine serves the adapter with (JSON-able), or None: no LoRA in vLLM."""
+    if not (cfg.use_peft and cfg.lora_sync == "adapter"):
+        return None
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config(cfg).to_dict().items()}
+
+
+def engine_kwargs(adapter_config: dict | None) -> dict[str, Any]:
+    """vLLM `LLM(...)` options for serving one LoRA adapter on the frozen base."""
+    if adapter_config is None:
+        return {}
+    rank = max([adapter_config["r"], *(adapter_config.get("rank_pattern") or {}).values()])
+    return {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank), "max_loras": 1}
+
+
+def load_adapter_in_worker(worker: Any, lora_id: int, tensors: dict[str, torch.Tensor], adapter_config: dict) -> int:
+    """Runs inside vLLM's worker (`collective_rpc`): the tensors become adapter `lora_id`, straight
+    from memory (vLLM's own loader only reads adapter folders from disk); older versions are dropped."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    helper = PEFTHelper.from_dict(adapter_config)
+    helper.validate_legal(manager.lora_config)
+    adapter = LoRAModel.from_lora_tensors(
+        lora_id, tensors, helper, device="cpu", dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size
+    )
+    models = manager._adapter_manager
+    for old in list(models.list_adapters()):
+        models.remove_adapter(old)
+    models.add_adapter(adapter)
+    return lora_id
 
 
 def _inside(name: str, adapted: set[str]) -> bool:

@@ -159,7 +159,7 @@ class Policy:
             self.engine.enable_backward_allreduce = False  # averaging over one rank: ~20 ms/step of copies on CPU
         self.ref = None
         # LoRA: what vLLM gets after each update; the KL reference is the base with the adapter off
-        self.merged = lora.MergedSync(self.engine.module) if cfg.use_peft else None
+        self.lora_sync = lora.sync_plan(self.engine.module, cfg) if cfg.use_peft else None
         if cfg.beta > 0 and not cfg.use_peft:
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
             if cfg.cluster.zero_stage == 3:  # partition the frozen copy too
@@ -250,8 +250,8 @@ class Policy:
         import deepspeed
 
         zero3 = self.cfg.cluster.zero_stage == 3
-        if self.merged is not None:
-            yield from self.merged.weights(zero3, self.sync_dtype)
+        if self.lora_sync is not None:
+            yield from self.lora_sync.weights(zero3, self.sync_dtype)
             return
         for _, param in named:
             ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else nullcontext()
@@ -363,7 +363,7 @@ def save_checkpoint(policy: Policy, tokenizer: Any, step: int, state: dict, rank
     root = tempfile.mkdtemp(prefix=f"grpo-ckpt-{step}-")
     policy.engine.save_checkpoint(os.path.join(root, DS_DIR), tag="state", **lora.ds_save_kwargs(policy.cfg))
     zero3 = policy.cfg.cluster.zero_stage == 3
-    weights = (lora.adapter_state_dict(policy.module, zero3) if policy.merged else policy.engine._zero3_consolidated_16bit_state_dict()) if zero3 else None
+    weights = (lora.adapter_state_dict(policy.module, zero3) if policy.lora_sync else policy.engine._zero3_consolidated_16bit_state_dict()) if zero3 else None
     if rank == 0:
         model_dir = os.path.join(root, MODEL_DIR)
         policy.module.save_pretrained(model_dir, state_dict=weights, safe_serialization=True)
@@ -652,7 +652,7 @@ def train_loop_per_worker(loop: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(lc.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = Policy(cfg, lc.model_path, device, pad_id)
-    pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device, named=policy.merged and policy.merged.named)
+    pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device, named=policy.lora_sync and policy.lora_sync.named)
     w = Worker(cfg, rank, world, policy, pusher, tokenizer)
     if rank == 0:
         train_rows, _ = load_datasets(cfg.data)

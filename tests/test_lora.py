@@ -129,3 +129,22 @@ def test_lora_keys_default_as_in_trl_model_config():
     ours = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
     for name in ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "load_in_4bit"):
         assert ours[name] == theirs[name], name
+
+
+def test_adapter_sync_sends_exactly_peft_saved_adapter_tensors(tmp_path, tiny_model_path):
+    """`lora_sync: adapter` sends what `adapter_model.safetensors` holds, under the same names
+    (the names vLLM's LoRA loader parses), and nothing of the base."""
+    from peft import get_peft_model_state_dict
+
+    cfg = lora_cfg(tmp_path, lora_sync="adapter")
+    model = lora.wrap(tiny(tiny_model_path), cfg)
+    randomize_adapter(model)
+    plan = lora.sync_plan(model, cfg)
+    sent = dict(zip([n for n, _ in plan.named], plan.weights(zero3=False, dtype=torch.float32)))
+    saved = get_peft_model_state_dict(model)
+    assert sent.keys() == saved.keys()
+    assert all(torch.equal(sent[k], saved[k]) for k in saved)
+    assert lora.engine_kwargs(lora.engine_adapter_config(cfg)) == {"enable_lora": True, "max_lora_rank": 16, "max_loras": 1}
+    assert lora.engine_adapter_config(lora_cfg(tmp_path)) is None  # merged: vLLM serves plain weights
+    with pytest.raises(ConfigError, match="lora_modules_to_save"):
+        lora.check_model(lora_cfg(tmp_path, lora_sync="adapter", lora_modules_to_save=["o_proj"]), tiny_model_path)

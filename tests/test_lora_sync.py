@@ -34,7 +34,7 @@ def lora_check(loop: dict) -> None:
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     tok = AutoTokenizer.from_pretrained(loop["model"])
     policy = Policy(cfg, loop["model"], torch.device("cpu"), tok.pad_token_id)
-    pusher = WeightSender(loop["engines"], policy.module, policy.sync_dtype, "gloo", rank, policy.full_weights, policy.device, named=policy.merged.named)
+    pusher = WeightSender(loop["engines"], policy.module, policy.sync_dtype, "gloo", rank, policy.full_weights, policy.device, named=policy.lora_sync.named)
     pusher.push()  # the first push: the adapter is zero, the engines hold the base
     p, c = sample_tokens(tok)
     n = 2 * world  # rows: each prompt/completion pair twice per rank, advantages +1 / -1
@@ -173,7 +173,8 @@ def test_lora_run_checkpoint_resume_export_and_vllm_serves_it(tmp_path, tiny_mod
     def vllm_logprobs(path):
         return RolloutEngine(EngineSpec(model_path=path, dtype="float32", max_model_len=256)).completion_logprobs(p, c)
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    if not ray.is_initialized():  # train() leaves its embedded Ray up
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         served = ray.get(vllm_logprobs.remote(str(merged)))
     finally:
