@@ -148,3 +148,14 @@ def test_adapter_sync_sends_exactly_peft_saved_adapter_tensors(tmp_path, tiny_mo
     assert lora.engine_adapter_config(lora_cfg(tmp_path)) is None  # merged: vLLM serves plain weights
     with pytest.raises(ConfigError, match="lora_modules_to_save"):
         lora.check_model(lora_cfg(tmp_path, lora_sync="adapter", lora_modules_to_save=["o_proj"]), tiny_model_path)
+
+
+def test_tune_space_searches_lora_rank_and_alpha(tmp_path):
+    from pathlib import Path
+
+    from grpo_ray.tuning import load_study, trial_config
+
+    study = load_study(Path(__file__).parents[1] / "tune" / "lora.yaml", quick_config(tmp_path))
+    trial = trial_config(study, {"lora_r": 8, "lora_alpha": 64, "learning_rate": 1e-4}, tmp_path / "t")
+    assert (trial.use_peft, trial.lora_r, trial.lora_alpha) == (True, 8, 64)
+    assert lora.lora_config(trial).r == 8

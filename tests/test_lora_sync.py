@@ -73,15 +73,17 @@ def lora_check(loop: dict) -> None:
         Path(loop["out"]).write_text(json.dumps(result))
 
 
-def run_check(tmp_path, model_path, zero_stage=0, workers=1, skip_sync=False, **overrides) -> dict:
+def run_check(tmp_path, model_path, zero_stage=0, workers=1, skip_sync=False, lora_sync="merged", **overrides) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = quick_config(
         tmp_path, use_peft=True, lora_dropout=0.0, lora_r=8, beta=0.04, learning_rate=0.05, per_device_train_batch_size=2,
-        gradient_accumulation_steps=1, num_generations=2, cluster={"zero_stage": zero_stage, "num_trainer_workers": workers}, **overrides,
+        gradient_accumulation_steps=1, num_generations=2, lora_sync=lora_sync, cluster={"zero_stage": zero_stage, "num_trainer_workers": workers}, **overrides,
     )  # fmt: skip
-    pool = RolloutPool(cfg, EngineSpec(model_path=model_path, dtype="float32", max_model_len=256))
+    from grpo_ray.lora import engine_adapter_config
+
+    pool = RolloutPool(cfg, EngineSpec(model_path=model_path, dtype="float32", max_model_len=256, adapter_config=engine_adapter_config(cfg)))
     out = tmp_path / "result.json"
     try:
         trainer = TorchTrainer(
@@ -97,7 +99,7 @@ def run_check(tmp_path, model_path, zero_stage=0, workers=1, skip_sync=False, **
     finally:
         pool.shutdown()
     r = json.loads(out.read_text())
-    print(f"[lora check zero{zero_stage} x{workers} skip_sync={skip_sync}] {r}")
+    print(f"[lora check {lora_sync} zero{zero_stage} x{workers} skip_sync={skip_sync}] {r}")
     return r
 
 
@@ -106,18 +108,20 @@ def assert_adapter_reached_vllm(r: dict) -> None:
     assert r["engine_vs_trainer"] < 1e-3, f"vLLM does not score as the trained adapter: {r}"
 
 
-@pytest.mark.parametrize("zero_stage,workers", [(0, 1), (3, 2)])
-def test_lora_adapter_reaches_vllm(tmp_path, tiny_model_path, ray_local, zero_stage, workers):
-    r = run_check(tmp_path, tiny_model_path, zero_stage, workers)
+@pytest.mark.parametrize("lora_sync,zero_stage,workers", [("merged", 0, 1), ("merged", 3, 2), ("adapter", 0, 1), ("adapter", 3, 2)])
+def test_lora_adapter_reaches_vllm(tmp_path, tiny_model_path, ray_local, lora_sync, zero_stage, workers):
+    r = run_check(tmp_path, tiny_model_path, zero_stage, workers, lora_sync=lora_sync)
     assert_adapter_reached_vllm(r)
     assert r["ref_vs_base"] < 1e-5 < 0.05 < r["trained_vs_base"], f"the KL reference (adapter disabled) is not the base model: {r}"
-    # all-linear on a 2-layer Qwen2: 7 Linear weights + 3 q/k/v biases per layer, no embedding or norm
-    assert r["sent"] == 2 * 10
+    # all-linear on a 2-layer Qwen2. merged: 7 Linear weights + 3 q/k/v biases per layer, no
+    # embedding or norm; adapter: A and B of the 7 Linear layers per layer
+    assert r["sent"] == 2 * (10 if lora_sync == "merged" else 14)
 
 
-def test_skipped_sync_is_caught(tmp_path, tiny_model_path, ray_local):
+@pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
+def test_skipped_sync_is_caught(tmp_path, tiny_model_path, ray_local, lora_sync):
     """Negative control: the same run with the push after the update left out must fail the check."""
-    r = run_check(tmp_path, tiny_model_path, skip_sync=True)
+    r = run_check(tmp_path, tiny_model_path, skip_sync=True, lora_sync=lora_sync)
     with pytest.raises(AssertionError):
         assert_adapter_reached_vllm(r)
     assert r["engine_vs_trainer"] > 0.05
@@ -183,3 +187,21 @@ def test_lora_run_checkpoint_resume_export_and_vllm_serves_it(tmp_path, tiny_mod
     done = subprocess.run([*cli, "eval", "--quick", "--model", str(ckpt), "--limit", "8"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["num_samples"] == 8
+
+
+def test_lora_adapter_mode_two_workers_zero2_async(tmp_path, tiny_model_path):
+    """lora_sync: adapter in a real run: 2 trainer workers under ZeRO 2, async generation. Step 1
+    is sampled by the weights it trains (fp32-exact); later steps one update stale, as designed."""
+    from grpo_ray.driver import train
+    from grpo_ray.metrics import read_metrics
+
+    cfg = quick_config(
+        tmp_path, use_peft=True, lora_dropout=0.0, lora_sync="adapter", max_steps=3, save_steps=3, async_generation=True,
+        per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=0.02, cluster={"num_trainer_workers": 2, "zero_stage": 2},
+    )  # fmt: skip
+    train(cfg)
+    rows = read_metrics(cfg.output_dir)
+    print("[lora adapter async]", [(r["step"], r["logprob_mismatch"], r["sync_s"], r["staleness"]) for r in rows])
+    assert [r["staleness"] for r in rows] == [0, 1, 1]
+    assert rows[0]["logprob_mismatch"] < 1e-3
+    assert max(r["logprob_mismatch"] for r in rows[1:]) > 1e-3  # one update stale: the adapter did move
