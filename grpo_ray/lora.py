@@ -76,6 +76,22 @@ def lora_config(cfg: GRPOConfig) -> Any:
         raise ConfigError(f"peft_config: peft.LoraConfig refused it: {str(exc).splitlines()[0]}") from None
 
 
+def peft_config_dict(config: Any) -> dict[str, Any]:
+    """A `peft.LoraConfig` (what TRL's `GRPOTrainer(peft_config=...)` takes) as the `peft_config`
+    mapping of GRPOConfig: rank, alpha, dropout, targets and whatever else differs from
+    LoraConfig's defaults, JSON-able."""
+    from peft import LoraConfig
+
+    if isinstance(config, dict):
+        return dict(config)
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"peft_config: expected a peft.LoraConfig or a mapping of its fields, got {type(config).__name__}")
+    default = LoraConfig().to_dict()
+    plain = lambda v: sorted(v) if isinstance(v, set) else (str(v) if hasattr(v, "value") else v)  # noqa: E731 - sets, enums
+    core = ("r", "lora_alpha", "lora_dropout", "target_modules")  # always: grpo-ray's own defaults (TRL's) differ from peft's
+    return {k: plain(v) for k, v in config.to_dict().items() if k != "peft_type" and (k in core or plain(v) != plain(default.get(k)))}
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The leaf names of the model's Linear layers (what target_modules usually names)."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})

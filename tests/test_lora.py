@@ -159,3 +159,13 @@ def test_tune_space_searches_lora_rank_and_alpha(tmp_path):
     trial = trial_config(study, {"lora_r": 8, "lora_alpha": 64, "learning_rate": 1e-4}, tmp_path / "t")
     assert (trial.use_peft, trial.lora_r, trial.lora_alpha) == (True, 8, 64)
     assert lora.lora_config(trial).r == 8
+
+
+def test_a_peft_lora_config_object_becomes_the_peft_config_mapping(tmp_path):
+    from peft import LoraConfig
+
+    given = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True, task_type="CAUSAL_LM")
+    cfg = quick_config(tmp_path, peft_config=lora.peft_config_dict(given))
+    built = lora.lora_config(cfg)
+    assert cfg.use_peft and (built.r, built.lora_alpha, built.target_modules, built.use_rslora) == (4, 8, {"q_proj", "v_proj"}, True)
+    assert GRPOConfig.from_yaml(cfg.to_yaml(tmp_path / "c.yaml") and tmp_path / "c.yaml").peft_config == cfg.peft_config
