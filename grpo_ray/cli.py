@@ -30,6 +30,8 @@ def load_config(args: argparse.Namespace) -> GRPOConfig:
     """--config FILE (or the demo / --quick preset), then --set overrides, then flags."""
 
     path = Path(args.config) if args.config else builtin_config("quick" if getattr(args, "quick", False) else "demo")
+    if args.config and not path.exists() and builtin_config(args.config).is_file():
+        path = builtin_config(args.config)  # a built-in name: demo, quick, lora
     cfg = GRPOConfig.from_yaml(path)
     raw = cfg.to_dict()
     for item in args.set or []:

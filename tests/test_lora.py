@@ -169,3 +169,14 @@ def test_a_peft_lora_config_object_becomes_the_peft_config_mapping(tmp_path):
     built = lora.lora_config(cfg)
     assert cfg.use_peft and (built.r, built.lora_alpha, built.target_modules, built.use_rslora) == (4, 8, {"q_proj", "v_proj"}, True)
     assert GRPOConfig.from_yaml(cfg.to_yaml(tmp_path / "c.yaml") and tmp_path / "c.yaml").peft_config == cfg.peft_config
+
+
+def test_builtin_lora_demo_config(tmp_path):
+    import argparse
+
+    from grpo_ray.cli import load_config
+
+    cfg = load_config(argparse.Namespace(config="lora", set=None, output_dir=str(tmp_path)))
+    demo = load_config(argparse.Namespace(config=None, set=None, output_dir=str(tmp_path)))
+    assert cfg.use_peft and cfg.model_name_or_path == demo.model_name_or_path == "smollm2-135m"
+    assert cfg.learning_rate == 10 * demo.learning_rate and cfg.data == demo.data and cfg.max_steps == demo.max_steps
