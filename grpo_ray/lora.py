@@ -423,6 +423,7 @@ def load_kwargs(cfg: GRPOConfig) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig  # pragma: no cover - GPU only
 
     return {  # pragma: no cover - GPU only
+        "device_map": {"": torch.cuda.current_device()},  # bitsandbytes quantises while loading, on the GPU
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
         )
