@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 from grpo_ray.config import ConfigError, GRPOConfig
 from grpo_ray.data import read_records, records_to_rows
 from grpo_ray.driver import RunResult, check_output_dir, evaluate_remote, init_ray
+from grpo_ray.lora import lora_config, peft_config_dict
 from grpo_ray.models import resolve_model_path
 from grpo_ray.rewards import ByValue, RewardSpec
 
@@ -36,7 +37,7 @@ _REFUSED_ARGS = {
     "processing_class": "the tokenizer is loaded from the model folder: save yours there with tokenizer.save_pretrained(model_dir)",
     "reward_processing_classes": "reward models are not supported: pass Python reward callables or spec strings",
     "optimizers": "the optimizer is built on each trainer worker: set optim, learning_rate, lr_scheduler_type in GRPOConfig",
-    "quantization_config": "quantized training is not supported",
+    "quantization_config": "pass load_in_4bit: true in GRPOConfig instead (QLoRA with bitsandbytes, GPU only) with use_peft: true",
     "tools": "tool calling is not implemented: score completions with reward_funcs",
     "rollout_func": "custom rollouts are not implemented: generation runs in grpo-ray's vLLM engines",
     "environment_factory": "environments are not implemented: score completions with reward_funcs",
@@ -91,11 +92,11 @@ class GRPOTrainer:
         if reward_funcs is not None:
             self.reward_specs = reward_specs(reward_funcs)
             overrides["reward_funcs"] = [str(s) for s in self.reward_specs]
-        if peft_config is not None:
-            if "peft_config" not in {f.name for f in dataclasses.fields(GRPOConfig)}:
-                raise ConfigError("GRPOTrainer(peft_config=...) is not supported yet: LoRA lands with the use_peft / lora_* config keys; train the full model for now")
-            overrides["peft_config"] = peft_config
+        if peft_config is not None:  # TRL: passing one trains a LoRA adapter
+            overrides["peft_config"] = peft_config_dict(peft_config)
         self.args = cfg.with_overrides(overrides)
+        if self.args.use_peft:
+            lora_config(self.args)  # a bad peft_config field is a one-line error now, not after Ray started
         self.callbacks = list(callbacks or [])
         self.train_records = _records(train_dataset, "train_dataset")
         self.eval_records = _records(eval_dataset, "eval_dataset")

@@ -3,8 +3,9 @@
 A run dir (`output_dir`) holds `run_config.yaml` and, under `ray/train/checkpoint_*/`, one dir per
 Ray Train checkpoint:
 
-    model/               HF safetensors + tokenizer (loads in transformers and vLLM as is)
-    deepspeed/           DeepSpeed optimizer, scheduler and ZeRO shards (tag "state")
+    model/               HF safetensors + tokenizer (loads in transformers and vLLM as is);
+                         a LoRA run: PEFT's adapter_model.safetensors + adapter_config.json
+    deepspeed/           DeepSpeed optimizer, scheduler and ZeRO shards (tag "state"; LoRA: no frozen base)
     trainer_state.json   {"step", "world_size", "sampler"} (rank 0)
     complete_rank<r>.json  rank r's files and sizes, written last (see `write_manifest`)
 
@@ -23,6 +24,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +60,11 @@ def save_checkpoint(policy: Any, tokenizer: Any, step: int, state: dict, rank: i
     import torch.distributed as dist
 
     root = tempfile.mkdtemp(prefix=f"grpo-ckpt-{step}-")
-    policy.engine.save_checkpoint(os.path.join(root, DS_DIR), tag=DS_TAG)
+    policy.engine.save_checkpoint(os.path.join(root, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=policy.cfg.use_peft)
     zero3 = policy.cfg.cluster.zero_stage == 3
-    weights = policy.engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    weights = None  # ZeRO-3: gathered in full (collectively); LoRA: the adapter only, as PEFT writes it
+    if zero3:
+        weights = trainable_state_dict(policy.module, zero3) if policy.cfg.use_peft else policy.engine._zero3_consolidated_16bit_state_dict()
     if rank == 0:
         model_dir = os.path.join(root, MODEL_DIR)
         policy.module.save_pretrained(model_dir, state_dict=weights, safe_serialization=True)
@@ -69,6 +73,17 @@ def save_checkpoint(policy: Any, tokenizer: Any, step: int, state: dict, rank: i
         Path(root, TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": world, **state}))
     write_manifest(root, rank)
     return root
+
+
+def trainable_state_dict(model: Any, zero3: bool) -> dict[str, Any]:
+    """The trainable tensors at full size (ZeRO-3: gathered, collectively), never the frozen
+    base: a LoRA checkpoint under ZeRO-3 gathers megabytes, not the model."""
+    import deepspeed
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ctx = deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None) if zero3 else nullcontext()
+    with ctx:
+        return {n: p.data.detach().clone().cpu() for n, p in trainable}
 
 
 def manifest_name(rank: int | str) -> str:
@@ -135,7 +150,7 @@ def load_checkpoint(policy: Any, checkpoint: ray.train.Checkpoint) -> dict:
     The restored schedule then runs at `policy.cfg.learning_rate` (a no-op unless the config's
     rate differs from the checkpoint's, as after a PBT perturbation)."""
     with checkpoint.as_directory() as root:
-        policy.engine.load_checkpoint(os.path.join(root, DS_DIR), tag=DS_TAG)
+        policy.engine.load_checkpoint(os.path.join(root, DS_DIR), tag=DS_TAG, load_module_strict=not policy.cfg.use_peft)
         state = json.loads(Path(root, TRAINER_STATE).read_text())
     set_learning_rate(policy.engine.basic_optimizer, policy.scheduler, policy.cfg.learning_rate)
     return state

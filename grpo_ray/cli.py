@@ -33,6 +33,8 @@ def load_config(args: argparse.Namespace) -> GRPOConfig:
     """--config FILE (or the demo / --quick preset), then --set overrides, then flags."""
 
     path = Path(args.config) if args.config else builtin_config("quick" if getattr(args, "quick", False) else "demo")
+    if args.config and not path.exists() and builtin_config(args.config).is_file():
+        path = builtin_config(args.config)  # a built-in name: demo, quick, lora
     cfg = GRPOConfig.from_yaml(path)
     raw = cfg.to_dict()
     for item in args.set or []:
@@ -65,17 +67,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from grpo_ray.evaluate import evaluate
+    from grpo_ray.lora import is_checkpoint
     from grpo_ray.models import resolve_model_path
 
     cfg = load_config(args)
     if args.data:
         cfg = cfg.with_overrides({"data": {"task": args.data}})
-    model = resolve_model_path(args.model or cfg.model_name_or_path)
+    model = args.model or cfg.model_name_or_path
+    model = model if is_checkpoint(model) else resolve_model_path(model)  # a checkpoint / adapter is merged for vLLM
     result = evaluate(cfg, model, limit=args.limit, num_generations=args.num_generations)
     line = {"model": result.model, "task": result.task, "accuracy": result.accuracy, "num_samples": result.num_samples, **result.sampled, "seconds": round(result.seconds, 1)}
     print(json.dumps(line))
     if args.output:
         Path(args.output).write_text(json.dumps({**line, "examples": result.examples}, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from grpo_ray.config import ConfigError
+    from grpo_ray.lora import export_merged
+
+    if not args.merge:
+        raise ConfigError("grpo-ray export: pass --merge (adapter + base -> one HF model folder; the adapter itself is already in CHECKPOINT/model)")
+    print(f"merged model: {export_merged(args.checkpoint, args.out)}")
     return 0
 
 
@@ -118,12 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="held-out accuracy of a model with vLLM")
     common(ev)
-    ev.add_argument("--model", help="model folder or built-in name (default: the config's model)")
+    ev.add_argument("--model", help="model folder, LoRA checkpoint or built-in name (default: the config's model)")
     ev.add_argument("--data", help="task, e.g. reasoning_gym/chain_sum, arith, or a .jsonl path")
     ev.add_argument("--limit", type=int, help="evaluate only the first N eval rows")
     ev.add_argument("--num-generations", type=int, metavar="K", help="also sample K completions per prompt: eval/pass@1, eval/pass@K, eval/mean@K (as logged during training)")
     ev.add_argument("--output", help="write the result and a few examples as JSON")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="write a LoRA checkpoint as one merged HF model folder (transformers / vLLM)")
+    ex.add_argument("--merge", action="store_true", help="merge the adapter into its base (the only export there is)")
+    ex.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint_* dir, its model/ folder or a PEFT adapter folder")
+    ex.add_argument("out", metavar="OUT", help="the merged model folder to write")
+    ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    ex.set_defaults(func=cmd_export)
 
     # Hyperparameter search (grpo_ray/tuning/, tune/README.md): every trial is a whole GRPO run.
     tn = sub.add_parser("tune", help="hyperparameter search over GRPO runs with Ray Tune (ASHA / PBT / FIFO)")

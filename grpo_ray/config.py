@@ -38,6 +38,7 @@ IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 TRANSPORTS = ("gloo", "nccl", "object_store")  # weight-sync transports (sync.py)
 WEIGHT_SYNC = ("auto", *TRANSPORTS)
+LORA_SYNC = ("merged", "adapter")  # what a LoRA run sends to vLLM (lora.py)
 # How the OpenMP threads of the engines and trainer workers wait between parallel regions
 # (libgomp, which torch's CPU wheels use). Its default spins on a core that another process could
 # use: when generation and the update run at once on the same cores (async_generation on CPU) that
@@ -215,12 +216,27 @@ class GRPOConfig:
     # generation"); the batch trained at step t was then sampled by weights `staleness` updates old.
     async_generation: bool = False
     max_staleness: int | None = None  # None: 1 with async_generation, else 0
+    # --- LoRA / PEFT (TRL ModelConfig names and defaults; README "LoRA"). Only the adapter trains;
+    # the KL reference is the base with the adapter disabled.
+    use_peft: bool = False  # also switched on by a non-empty peft_config (TRL: passing peft_config)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None: every linear layer but the output head ("all-linear")
+    lora_modules_to_save: list[str] | None = None
+    peft_config: dict | None = None  # any other peft.LoraConfig field (e.g. use_rslora: true); wins over lora_*
+    # grpo-ray: how vLLM gets the adapter. merged: base + s·B·A of the adapted layers;
+    # adapter: vLLM serves the base with enable_lora and takes only the adapter tensors
+    lora_sync: str = "merged"
+    load_in_4bit: bool = False  # QLoRA (bitsandbytes, CUDA only)
     # --- grpo-ray's own sections
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         self.report_to = normalize_report_to(self.report_to)
+        if self.peft_config and not self.use_peft:  # TRL: a peft_config given means LoRA
+            self.use_peft = True
         _validate(self)
 
     # ------------------------------------------------------------------ derived sizes
@@ -654,6 +670,15 @@ def _validate(c: GRPOConfig) -> None:
     )
     _validate_generation_batch(c)
     _validate_trl_extras(c)
+    one_of("lora_sync", c.lora_sync, LORA_SYNC)
+    _require(c.lora_r >= 1, f"lora_r={c.lora_r}: the LoRA rank must be >= 1, e.g. 16")
+    _require(c.lora_alpha > 0, f"lora_alpha={c.lora_alpha}: must be > 0, e.g. 32 (the update is scaled by lora_alpha / lora_r)")
+    _require(0 <= c.lora_dropout < 1, f"lora_dropout={c.lora_dropout}: must be in [0, 1), e.g. 0.05")
+    _require(c.use_peft or not c.load_in_4bit, "load_in_4bit=true trains a LoRA on a 4-bit base (QLoRA): set use_peft: true too")
+    _require(
+        not (c.load_in_4bit and c.cluster.zero_stage == 3),
+        "load_in_4bit=true with cluster.zero_stage=3: DeepSpeed cannot partition 4-bit weights; use zero_stage 0 or 2",
+    )
     d = c.data
     _require(d.size >= 1, f"data.size={d.size}: must be >= 1")
     _require(d.eval_size >= 0, f"data.eval_size={d.eval_size}: must be >= 0")

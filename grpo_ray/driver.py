@@ -23,6 +23,7 @@ from grpo_ray.config import ConfigError, GRPOConfig
 from grpo_ray.data import load_datasets
 from grpo_ray.evaluate import EvalResult, evaluate
 from grpo_ray.logs import quiet_ray_init, route_worker_output, set_log_dir
+from grpo_ray.lora import check_model as check_peft
 from grpo_ray.metrics import METRICS_FILE, check_trackers, flatten, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
 from grpo_ray.ray_compat import GRPOTorchTrainer
@@ -198,6 +199,8 @@ def train(
     rows = datasets or load_datasets(cfg.data)  # a bad data file fails here, before OUTPUT_DIR holds anything
     if cfg.resolved_eval_steps and not rows[1]:
         raise ConfigError("eval_strategy='steps' needs held-out prompts: pass eval_dataset, or set data.eval_size > 0 / data.eval_split")
+    if cfg.use_peft:
+        check_peft(cfg, model_path)  # a LoRA target that does not exist fails here, before Ray starts
     if reward_specs is None:
         check_reward_specs(cfg.reward_funcs)  # names and files; importing them runs in a Ray worker
     init_ray(cfg)

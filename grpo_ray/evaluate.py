@@ -17,6 +17,7 @@ import torch
 from grpo_ray.algorithm import combine_rewards
 from grpo_ray.config import GRPOConfig
 from grpo_ray.data import RG_PREFIXES, load_datasets, render_prompts
+from grpo_ray.lora import servable
 from grpo_ray.rewards import RewardSpec, resolve_reward_functions, score
 from grpo_ray.rollout import EngineSpec, Group, RolloutEngine, SamplingSpec, score_rewards
 
@@ -105,7 +106,24 @@ def evaluate(
     reward_specs: Sequence[RewardSpec] | None = None,
 ) -> EvalResult:
     """Greedy completions for the eval split, graded; with `num_generations` K also K sampled
-    completions per prompt -> `sampled` (pass@1, pass@K, mean@K, as logged during training). vLLM runs in this process."""
+    completions per prompt -> `sampled` (pass@1, pass@K, mean@K, as logged during training). vLLM runs in this process.
+    `model_path` is an HF model folder, a LoRA adapter folder or a grpo-ray checkpoint (merged on the fly)."""
+    if engine is not None:
+        return _evaluate(cfg, model_path, limit, engine, num_generations, rows, reward_specs, shown=model_path)
+    with servable(model_path) as folder:
+        return _evaluate(cfg, folder, limit, None, num_generations, rows, reward_specs, shown=model_path)
+
+
+def _evaluate(
+    cfg: GRPOConfig,
+    model_path: str,
+    limit: int | None,
+    engine: RolloutEngine | None,
+    num_generations: int | None,
+    rows: list[dict] | None,
+    reward_specs: Sequence[RewardSpec] | None,
+    shown: str,
+) -> EvalResult:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -129,7 +147,7 @@ def evaluate(
         ids = [x[-cfg.max_prompt_length:] if cfg.max_prompt_length else x for x in prompt_ids]
         sampled = sampled_metrics(cfg, rows, engine.generate(ids, eval_sampling(cfg, num_generations), seed=EVAL_SEED), reward_specs or cfg.reward_funcs, _local_score)
     return EvalResult(
-        model=model_path,
+        model=shown,
         task=cfg.data.task,
         accuracy=sum(correct) / max(len(correct), 1),
         num_samples=len(correct),

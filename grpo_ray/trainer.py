@@ -31,7 +31,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from grpo_ray import sync
+from grpo_ray import lora, sync
 from grpo_ray.algorithm import LossOptions, entropy_from_logits, grpo_loss, selective_log_softmax
 from grpo_ray.checkpoints import load_checkpoint, restore_point, save_checkpoint
 from grpo_ray.config import GRPOConfig, omp_wait_env
@@ -144,12 +144,14 @@ class Policy:
         self.pad_id = pad_id
         self.precision = cfg.resolved_precision(device_supports_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **lora.load_kwargs(cfg))
         if cfg.disable_dropout:
             disable_dropout(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        if cfg.use_peft:
+            model = lora.wrap(model, cfg)
         optim_name, notice = cfg.resolved_optim(on_gpu=device.type == "cuda")
         if notice and ray.train.get_context().get_world_rank() == 0:
             print(f"[grpo-ray] {notice}")
@@ -162,7 +164,9 @@ class Policy:
         if cfg.cluster.zero_stage == 0 and (not dist.is_initialized() or dist.get_world_size() == 1):
             self.engine.enable_backward_allreduce = False  # averaging over one rank only copies gradients
         self.ref = None
-        if cfg.beta > 0:
+        # LoRA: what vLLM gets after each update; the KL reference is the base with the adapter off
+        self.lora_sync = lora.sync_plan(self.engine.module, cfg) if cfg.use_peft else None
+        if cfg.beta > 0 and not cfg.use_peft:
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
             if cfg.cluster.zero_stage == 3:  # partition the frozen copy too
                 ref = deepspeed.initialize(model=ref, config=deepspeed_config(cfg, self.precision, inference=True))[0]
@@ -190,6 +194,9 @@ class Policy:
         for mb in mbs:
             if self.ref is not None:
                 mb.ref_logps, _ = completion_logps(self.ref, mb, T)
+            elif self.cfg.beta > 0:  # LoRA: the reference is the base with the adapter off
+                with lora.reference(self.module):
+                    mb.ref_logps, _ = completion_logps(self.engine, mb, T)
             if self.cfg.optimizer_steps_per_round > 1:
                 mb.old_logps, _ = completion_logps(self.engine, mb, T)
 
@@ -249,6 +256,9 @@ class Policy:
         import deepspeed
 
         zero3 = self.cfg.cluster.zero_stage == 3
+        if self.lora_sync is not None:
+            yield from self.lora_sync.weights(zero3, self.sync_dtype)
+            return
         for _, param in named:
             ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else nullcontext()
             with ctx:
@@ -571,7 +581,7 @@ def train_loop_per_worker(loop: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(lc.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = Policy(cfg, lc.model_path, device, pad_id)
-    pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device)
+    pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device, named=policy.lora_sync and policy.lora_sync.named)
     w = Worker(cfg, rank, world, policy, pusher, tokenizer)
     if rank == 0:
         train_rows, w.eval_rows = lc.datasets or load_datasets(cfg.data)

@@ -37,7 +37,9 @@ def test_reward_funcs_mix_callables_and_specs_and_name_them_in_the_config(tmp_pa
     "kwargs, expected",
     [
         ({"processing_class": object()}, "GRPOTrainer(processing_class=...) is not supported: the tokenizer is loaded from the model folder"),
-        ({"peft_config": {"r": 8}}, "peft_config"),
+        ({"peft_config": {"r": 8, "lora_alpah": 16}}, "peft_config.lora_alpah: not a peft.LoraConfig field; did you mean 'lora_alpha'?"),
+        ({"peft_config": 3}, "peft_config: expected a peft.LoraConfig or a mapping of its fields, got int"),
+        ({"quantization_config": object()}, "load_in_4bit: true"),
         ({"optimizers": (object(), None)}, "set optim, learning_rate"),
         ({"tools": [print]}, "tool calling is not implemented"),
         ({"train_dataset": 42}, "train_dataset: expected a datasets.Dataset, a list of dicts or a file path, got a int"),
@@ -55,6 +57,16 @@ def test_unsupported_or_bad_arguments_are_one_line_errors(kwargs, expected):
         GRPOTrainer("tiny-arith", **kwargs)
     msg = str(exc_info.value)
     assert expected in msg and "\n" not in msg, msg
+
+
+def test_peft_config_trains_a_lora_as_in_trl():
+    from peft import LoraConfig
+
+    t = GRPOTrainer("tiny-arith", peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert t.args.use_peft and t.args.lora_sync == "merged"
+    built = __import__("grpo_ray.lora", fromlist=["lora_config"]).lora_config(t.args)
+    assert (built.r, built.lora_alpha, sorted(built.target_modules)) == (4, 8, ["q_proj", "v_proj"])
+    assert not GRPOTrainer("tiny-arith").args.use_peft
 
 
 def test_a_model_object_is_refused_with_how_to_pass_it():
