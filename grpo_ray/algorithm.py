@@ -486,29 +486,30 @@ def _clip_metrics(
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
     """Every run-constant option of `grpo_loss`, named once: a field here is a keyword of `grpo_loss`
-    and a `GRPOConfig` field of the same name and meaning (tests/test_algorithm.py checks both)."""
+    and a `GRPOConfig` field of the same name and meaning (tests/test_algorithm.py checks both).
+    No defaults: the config's are the run's (build it with `from_config`)."""
 
-    loss_type: str = "dapo"
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    delta: float | None = None
-    importance_sampling_level: str = "token"
-    max_completion_length: int | None = None
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
-    use_bias_correction_kl: bool = True
-    off_policy_mask_threshold: float | None = None
-    top_entropy_quantile: float = 1.0
-    entropy_coef: float = 0.0
-    vllm_importance_sampling_correction: bool = True
-    vllm_importance_sampling_mode: str = "sequence_mask"
-    vllm_importance_sampling_clip_min: float | None = None
-    vllm_importance_sampling_clip_max: float | None = 3.0
+    loss_type: str
+    beta: float
+    epsilon: float
+    epsilon_high: float | None
+    delta: float | None
+    importance_sampling_level: str
+    max_completion_length: int | None
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
+    vespo_k_pos: float
+    vespo_lambda_pos: float
+    vespo_k_neg: float
+    vespo_lambda_neg: float
+    use_bias_correction_kl: bool
+    off_policy_mask_threshold: float | None
+    top_entropy_quantile: float
+    entropy_coef: float
+    vllm_importance_sampling_correction: bool
+    vllm_importance_sampling_mode: str
+    vllm_importance_sampling_clip_min: float | None
+    vllm_importance_sampling_clip_max: float | None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LossOptions":

@@ -653,5 +653,5 @@ def test_loss_options_name_every_run_constant_grpo_loss_keyword_once():
     opts = LossOptions.from_config(cfg)
     assert (opts.loss_type, opts.sapo_temperature_neg, opts.entropy_coef, opts.use_bias_correction_kl, opts.off_policy_mask_threshold) == ("sapo", 2.0, 0.1, False, 0.5)
     assert opts.needs_entropies and not LossOptions.from_config(GRPOConfig()).needs_entropies
-    # LossOptions' defaults are TRL's (= GRPOConfig's)
-    assert LossOptions.from_config(GRPOConfig(max_completion_length=None or 512)) == dataclasses.replace(LossOptions(), max_completion_length=512)
+    with pytest.raises(TypeError):  # no second set of defaults: GRPOConfig's are the run's
+        LossOptions()

@@ -504,10 +504,15 @@ def test_study_on_an_autoscaling_cluster_grows_for_concurrent_trials_and_shrinks
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        base = quick().with_overrides({"max_steps": 10, "save_steps": 10})
-        study = load_study(space_file(tmp_path, "scheduler: fifo\nspace: {learning_rate: {grid: [1.0e-3, 5.0e-4]}}\n"), base, {"max_concurrent": 2}, name="autoscale")
+        # The trials train LoRA adapters of the rank each drew (Tune with LoRA, issue 15)
+        base = quick().with_overrides({"max_steps": 10, "save_steps": 10, "use_peft": True, "learning_rate": 1e-3, "lora_dropout": 0.0})
+        study = load_study(space_file(tmp_path, "scheduler: fifo\nspace: {lora_r: {grid: [4, 8]}}\n"), base, {"max_concurrent": 2}, name="autoscale")
         result = run_study(study, tmp_path / "studies", address=cluster.address)
         assert [r["steps"] for r in result.rows] == [10, 10] and all(r["status"] == "completed" for r in result.rows)
+        ranks = sorted(
+            json.loads(p.read_text())["r"] for p in (tmp_path / "studies" / "autoscale").glob("trial_*/run/ray/train/checkpoint_*/model/adapter_config.json")
+        )
+        assert ranks == [4, 8], ranks  # each trial's checkpoint is a PEFT adapter of its own rank
         peak = max(n for _, n in timeline)
         assert peak >= 2, timeline  # a node per concurrently running trial
         deadline = time.monotonic() + 180
