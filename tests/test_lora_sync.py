@@ -29,7 +29,7 @@ def lora_check(loop: dict) -> None:
     from grpo_ray.rollout import RolloutBatch
     from grpo_ray.sync import WeightSender
     from grpo_ray.trainer import Policy, collate, completion_logps
-    from tests.test_sync import sample_tokens
+    from tests.test_sync import max_diff, sample_tokens
 
     cfg = GRPOConfig.from_dict(loop["cfg"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -63,11 +63,11 @@ def lora_check(loop: dict) -> None:
         after = ray.get(loop["engines"][0].completion_logprobs.remote(p, c))
         result = {
             "ref_vs_base": float((ref_mb.ref_logps - base_logps).abs().max()),
-            "trained_vs_base": max(abs(a - b) for x, y in zip(trained, base_logps.tolist()) for a, b in zip(x, y)),
-            "engine_moved": max(abs(a - b) for x, y in zip(after, before) for a, b in zip(x, y)),
-            "engine_vs_trainer": max(abs(a - b) for x, y in zip(after, trained) for a, b in zip(x, y)),
-            "stale_moved": max(abs(a - b) for x, y in zip(stale, before) for a, b in zip(x, y)),
-            "stale_vs_trainer": max(abs(a - b) for x, y in zip(stale, trained) for a, b in zip(x, y)),
+            "trained_vs_base": max_diff(trained, base_logps.tolist()),
+            "engine_moved": max_diff(after, before),
+            "engine_vs_trainer": max_diff(after, trained),
+            "stale_moved": max_diff(stale, before),
+            "stale_vs_trainer": max_diff(stale, trained),
             "loss": stats["loss"],
             "sent": len(pusher.named),
             "kl": stats.get("kl", 0.0),
