@@ -21,7 +21,7 @@ quick: install
 	$(VENV)/bin/grpo-ray train --quick --overwrite $(ARGS)
 
 test: install
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q tests --durations=30 $(ARGS)
 
 test-demo: install
 	$(PY) -m pytest -q -s tests/test_demo.py --run-demo $(ARGS)

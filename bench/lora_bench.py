@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ARMS = ("full", "lora", "lora_adapter", "trl_lora")
@@ -131,43 +130,14 @@ def child(arm: str, model_path: str, steps: int, record: str) -> None:
     Path(record).write_text(json.dumps(data))
 
 
-def _rss(p) -> int:
-    try:
-        return p.memory_info().rss
-    except Exception:  # noqa: BLE001 - a process that just exited
-        return 0
-
-
-def _name(p) -> str:
-    try:
-        return p.name() + " " + " ".join(p.cmdline()[:1])
-    except Exception:  # noqa: BLE001
-        return ""
-
-
 def run_arm(arm: str, model_path: str, steps: int) -> dict:
-    """One arm in a child process; its process tree's RSS sampled every 0.2 s (the trainer's alone too)."""
-    import psutil
+    """One arm in a child process; its process tree's RSS and the trainer's alone."""
+    from measure import process_name, run_child
 
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        record = f.name
-    cmd = [sys.executable, __file__, "--child", arm, "--model", model_path, "--steps", str(steps), "--record", record]
-    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
-    root, peak, peak_trainer = psutil.Process(proc.pid), 0, 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(_rss(p) for p in tree))
-            trainers = [p for p in tree if "TrainWorker" in _name(p)] if arm != "trl_lora" else [root]
-            peak_trainer = max([peak_trainer, *(_rss(p) for p in trainers)])
-        except psutil.NoSuchProcess:
-            pass
-        time.sleep(0.2)
-    if proc.returncode != 0:
-        raise SystemExit(f"arm {arm!r} failed with exit code {proc.returncode}")
-    data = json.loads(Path(record).read_text())
-    os.unlink(record)
-    return {"peak_rss_gib": peak / 2**30, "trainer_rss_gib": peak_trainer / 2**30, **data}
+    trainers = (lambda tree: tree[:1]) if arm == "trl_lora" else (lambda tree: [p for p in tree if "TrainWorker" in process_name(p)])
+    run = run_child(__file__, ["--child", arm, "--model", model_path, "--steps", str(steps)], arm, part=trainers)
+    run["trainer_rss_gib"] = run.pop("part_rss_gib")
+    return run
 
 
 def summarize(arm: str, run: dict, warmup: int, params: int) -> dict:

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -204,35 +203,13 @@ def label(arm: str) -> str:
 
 
 def run_arm(arm: str, model_path: str, steps: int, async_cpus: str, seed: int) -> dict:
-    """Run one arm in a child process, sampling its process tree's RSS every 0.2 s."""
-    import psutil
+    """Run one arm in a child process, sampling its process tree's RSS."""
+    from measure import run_child
 
     base, omp = split_arm(arm)
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        record = f.name
-    cmd = [sys.executable, __file__, "--child", base, "--model", model_path, "--steps", str(steps), "--record", record, "--async-cpus", async_cpus,
-           "--precision", "bf16" if COMMON["bf16"] else "fp32", "--omp-wait", omp, "--seed", str(seed)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(_rss(p) for p in tree))
-        except psutil.NoSuchProcess:
-            pass
-        time.sleep(0.2)
-    if proc.returncode != 0:
-        raise SystemExit(f"arm {arm!r} failed with exit code {proc.returncode}")
-    data = json.loads(Path(record).read_text())
-    os.unlink(record)
-    return {"peak_rss_gib": peak / 2**30, **data}
-
-
-def _rss(p) -> int:
-    try:
-        return p.memory_info().rss
-    except Exception:  # noqa: BLE001 - a process that just exited
-        return 0
+    args = ["--child", base, "--model", model_path, "--steps", str(steps), "--async-cpus", async_cpus,
+            "--precision", "bf16" if COMMON["bf16"] else "fp32", "--omp-wait", omp, "--seed", str(seed)]  # fmt: skip
+    return run_child(__file__, args, arm)
 
 
 PROFILE = ("generate_s", "score_s", "logprobs_s", "backward_s", "optimizer_s", "sync_s", "overlap_wait_s")

@@ -675,6 +675,11 @@ def _validate(c: GRPOConfig) -> None:
     _require(c.lora_alpha > 0, f"lora_alpha={c.lora_alpha}: must be > 0, e.g. 32 (the update is scaled by lora_alpha / lora_r)")
     _require(0 <= c.lora_dropout < 1, f"lora_dropout={c.lora_dropout}: must be in [0, 1), e.g. 0.05")
     _require(c.use_peft or not c.load_in_4bit, "load_in_4bit=true trains a LoRA on a 4-bit base (QLoRA): set use_peft: true too")
+    if not c.use_peft:  # a LoRA setting on a full fine-tune would do nothing: say so (TRL ignores it)
+        defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+        for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "lora_sync"):
+            value, default = getattr(c, key), defaults[key]
+            _require(value == default, f"{key}={value!r} has no effect without use_peft: true (a full fine-tune); set use_peft: true or drop {key}")
     _require(
         not (c.load_in_4bit and c.cluster.zero_stage == 3),
         "load_in_4bit=true with cluster.zero_stage=3: DeepSpeed cannot partition 4-bit weights; use zero_stage 0 or 2",

@@ -113,6 +113,16 @@ CASES: dict[str, Case] = {
     "model-no-config": Case([*QUICK, "--set", "model={tmp}/model"], "no config.json", setup=_model_without("config.json")),
     "eval-model-no-weights": Case(["eval", "--quick", "--model", "{tmp}/model"], "folder has no weights", setup=_model_without("*.safetensors")),
     "model-missing": Case([*QUICK, "--set", "model_name_or_path=/no/such/model"], "does not exist"),
+    # LoRA: checked against the model's modules (meta device) before Ray starts
+    "lora-missing-target": Case([*QUICK, "--set", "use_peft=true", "--set", "lora_target_modules=[q_prj]"], "lora_target_modules: 'q_prj' is not a module of the model; its linear modules are: down_proj"),
+    "lora-tied-embedding": Case([*QUICK, "--set", "use_peft=true", "--set", "lora_target_modules=[embed_tokens]"], "LoRA on 'embed_tokens': this model ties its input and output embeddings"),
+    "lora-sync-typo": Case([*QUICK, "--set", "use_peft=true", "--set", "lora_sync=adaptor"], "lora_sync='adaptor' is not supported: did you mean 'adapter'?"),
+    "lora-adapter-rank": Case([*QUICK, "--set", "use_peft=true", "--set", "lora_sync=adapter", "--set", "lora_r=1024"], "vLLM serves LoRA ranks up to 512"),
+    "lora-4bit-on-cpu": Case([*QUICK, "--set", "use_peft=true", "--set", "load_in_4bit=true"], "load_in_4bit=true (QLoRA) needs bitsandbytes on a CUDA GPU"),
+    "lora-key-without-peft": Case([*QUICK, "--set", "lora_r=8"], "lora_r=8 has no effect without use_peft: true"),
+    "eval-adapter-without-base": Case(["eval", "--quick", "--model", "{tmp}/adapter"], "base_model_name_or_path '/no/such/base' is not a local folder",
+                                      {"adapter/adapter_config.json": '{"base_model_name_or_path": "/no/such/base", "peft_type": "LORA", "r": 8}', "adapter/adapter_model.safetensors": b""}),
+    "export-full-checkpoint": Case(["export", "--merge", "{tmp}/model", "{tmp}/merged"], "holds no adapter_config.json", setup=_model_without("nothing")),
     # reward functions found at import time (before Ray: resolution; in a Ray task: the import)
     "reward-unknown": Case([*QUICK, "--set", "reward_funcs=[acuracy]"], "did you mean 'accuracy'"),
     "reward-missing-file": Case([*QUICK, "--set", "reward_funcs=[{tmp}/nope.py:f]"], "not found"),
@@ -187,6 +197,7 @@ def run_main(argv: list[str], capfd) -> tuple[int, str, str, float]:
 def test_bad_input(name, tmp_path, silent_port, capfd, monkeypatch):
     case = CASES[name]
     for rel, content in case.files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(content if isinstance(content, bytes) else content.encode())
     if case.setup is not None:
         case.setup(tmp_path)
