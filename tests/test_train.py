@@ -67,6 +67,9 @@ def test_bf16_on_cpu_trains_with_bf16_engines(tmp_path, tiny_model_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in rows)
     assert all(1e-6 < r["logprob_mismatch"] < 0.05 for r in rows)  # bf16 rounding, not fp32-exact, not stale
+    # On-policy (num_iterations 1, one update per round): the ratio is exactly 1 and nothing clips,
+    # even though vLLM's bf16 logprobs differ; the control for test_api's off-policy clip_ratio > 0.
+    assert all(r["clip_ratio"] == 0.0 for r in rows), [r["clip_ratio"] for r in rows]
     ckpt = sorted(p for p in (Path(cfg.output_dir) / "ray" / "train").glob("checkpoint_*") if p.is_dir())[-1]
     assert json.loads((ckpt / "model" / "config.json").read_text())["dtype"] == "bfloat16"
 
