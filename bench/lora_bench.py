@@ -136,7 +136,7 @@ def run_arm(arm: str, model_path: str, steps: int) -> dict:
 
     trainers = (lambda tree: tree[:1]) if arm == "trl_lora" else (lambda tree: [p for p in tree if "TrainWorker" in process_name(p)])
     run = run_child(__file__, ["--child", arm, "--model", model_path, "--steps", str(steps)], arm, part=trainers)
-    run["trainer_rss_gib"] = run.pop("part_rss_gib")
+    run["trainer_rss_gib"], run["trainer_rss_median_gib"] = run.pop("part_rss_gib"), run.pop("part_rss_median_gib")
     return run
 
 
@@ -144,7 +144,7 @@ def summarize(arm: str, run: dict, warmup: int, params: int) -> dict:
     rows = run["steps"][warmup:]
     med = lambda key: statistics.median(r[key] for r in rows) if rows and key in rows[0] else None  # noqa: E731
     return {
-        "arm": arm, "step_s": med("step_time_s"), "sync_s": med("sync_s"), "trainer_rss_gib": run["trainer_rss_gib"],
+        "arm": arm, "step_s": med("step_time_s"), "sync_s": med("sync_s"), "trainer_rss_gib": run["trainer_rss_gib"], "trainer_rss_median_gib": run["trainer_rss_median_gib"],
         "peak_rss_gib": run["peak_rss_gib"], "trainable_params": params, "checkpoint_mb": run["checkpoint_bytes"] / 2**20,
         "logprob_mismatch": med("logprob_mismatch"), "reward_mean": statistics.fmean(r.get("reward_mean", float("nan")) for r in run["steps"]),
     }  # fmt: skip
@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "lora_bench.json"))
     parser.add_argument("--child")
     parser.add_argument("--model")
     parser.add_argument("--record")
@@ -173,14 +174,14 @@ def main() -> None:
         run = run_arm(arm, model_path, args.steps)
         rows.append(summarize(arm, run, args.warmup, params["full" if arm == "full" else "lora"]))
         print(json.dumps(rows[-1]), flush=True)
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "lora_bench.json").write_text(json.dumps({"steps": args.steps, "warmup": args.warmup, "arms": rows}, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"steps": args.steps, "warmup": args.warmup, "arms": rows}, indent=1))
     fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
-    print("| arm | step (s) | sync (s) | trainer RSS (GiB) | tree RSS (GiB) | trainable params | checkpoint (MB) |")
+    print("| arm | step (s) | sync (s) | trainer RSS peak / median (GiB) | tree RSS (GiB) | trainable params | checkpoint (MB) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arm']} | {fmt(r['step_s'], '{:.2f}')} | {fmt(r['sync_s'], '{:.3f}')} | {r['trainer_rss_gib']:.2f} | {r['peak_rss_gib']:.2f} "
+        print(f"| {r['arm']} | {fmt(r['step_s'], '{:.2f}')} | {fmt(r['sync_s'], '{:.3f}')} | {r['trainer_rss_gib']:.2f} / {r['trainer_rss_median_gib']:.2f} | {r['peak_rss_gib']:.2f} "
               f"| {r['trainable_params'] / 1e6:.2f}M | {r['checkpoint_mb']:.1f} |")  # fmt: skip
 
 

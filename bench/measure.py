@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,19 +34,20 @@ def process_name(p) -> str:
 
 def run_child(script: str, args: list[str], label: str, part: Callable[[list], list] | None = None) -> dict:
     """`python script --child ... --record FILE`; returns the record plus `peak_rss_gib` (the whole
-    tree) and, when `part` picks processes out of the tree, `part_rss_gib` (their peak)."""
+    tree) and, when `part` picks processes out of the tree, `part_rss_gib` (their peak) and
+    `part_rss_median_gib` (the median over the samples: the steady state, not the load spike)."""
     import psutil
 
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         record = f.name
     proc = subprocess.Popen([sys.executable, script, *args, "--record", record], env={**os.environ, **CHILD_ENV})
-    root, peak, peak_part = psutil.Process(proc.pid), 0, 0
+    root, peak, part_samples = psutil.Process(proc.pid), 0, []
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
             peak = max(peak, sum(rss(p) for p in tree))
-            if part is not None:
-                peak_part = max([peak_part, *(rss(p) for p in part(tree))])
+            if part is not None and (chosen := part(tree)):
+                part_samples.append(max(rss(p) for p in chosen))
         except psutil.NoSuchProcess:
             pass
         time.sleep(0.2)
@@ -53,4 +55,5 @@ def run_child(script: str, args: list[str], label: str, part: Callable[[list], l
         raise SystemExit(f"arm {label!r} failed with exit code {proc.returncode}")
     data = json.loads(Path(record).read_text())
     os.unlink(record)
-    return {"peak_rss_gib": peak / 2**30, **({"part_rss_gib": peak_part / 2**30} if part else {}), **data}
+    parts = {"part_rss_gib": max(part_samples, default=0) / 2**30, "part_rss_median_gib": statistics.median(part_samples or [0]) / 2**30}
+    return {"peak_rss_gib": peak / 2**30, **(parts if part else {}), **data}
