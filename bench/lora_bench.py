@@ -143,10 +143,11 @@ def run_arm(arm: str, model_path: str, steps: int) -> dict:
 def summarize(arm: str, run: dict, warmup: int, params: int) -> dict:
     rows = run["steps"][warmup:]
     med = lambda key: statistics.median(r[key] for r in rows) if rows and key in rows[0] else None  # noqa: E731
+    rewards = [r["reward_mean"] for r in run["steps"] if "reward_mean" in r]  # none from the TRL arm
     return {
         "arm": arm, "step_s": med("step_time_s"), "sync_s": med("sync_s"), "trainer_rss_gib": run["trainer_rss_gib"], "trainer_rss_median_gib": run["trainer_rss_median_gib"],
         "peak_rss_gib": run["peak_rss_gib"], "trainable_params": params, "checkpoint_mb": run["checkpoint_bytes"] / 2**20,
-        "logprob_mismatch": med("logprob_mismatch"), "reward_mean": statistics.fmean(r.get("reward_mean", float("nan")) for r in run["steps"]),
+        "logprob_mismatch": med("logprob_mismatch"), "reward_mean": statistics.fmean(rewards) if rewards else None,
     }  # fmt: skip
 
 
@@ -163,6 +164,8 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.steps, args.record)
         return
+    from measure import strict_json
+
     from grpo_ray.models import resolve_model_path
 
     model_path = resolve_model_path("smollm2-135m")
@@ -173,10 +176,10 @@ def main() -> None:
             raise SystemExit(f"--arms: {arm!r}: use {', '.join(ARMS)}")
         run = run_arm(arm, model_path, args.steps)
         rows.append(summarize(arm, run, args.warmup, params["full" if arm == "full" else "lora"]))
-        print(json.dumps(rows[-1]), flush=True)
+        print(strict_json(rows[-1]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": args.steps, "warmup": args.warmup, "arms": rows}, indent=1))
+    out.write_text(strict_json({"steps": args.steps, "warmup": args.warmup, "arms": rows}, indent=1))
     fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
     print("| arm | step (s) | sync (s) | trainer RSS peak / median (GiB) | tree RSS (GiB) | trainable params | checkpoint (MB) |")
     print("|---|---|---|---|---|---|---|")

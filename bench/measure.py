@@ -6,6 +6,7 @@ process tree (Ray workers, vLLM engine cores) every 0.2 s and reads the arm's re
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -14,8 +15,25 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CHILD_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` that writes strict JSON (what every JSON reader takes): a NaN or infinity, i.e. a
+    number that was not measured, is written as null."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, **kwargs)
 
 
 def rss(p) -> int:

@@ -38,9 +38,7 @@ _REFUSED_ARGS = {
     "reward_processing_classes": "reward models are not supported: pass Python reward callables or spec strings",
     "optimizers": "the optimizer is built on each trainer worker: set optim, learning_rate, lr_scheduler_type in GRPOConfig",
     "quantization_config": "pass load_in_4bit: true in GRPOConfig instead (QLoRA with bitsandbytes, GPU only) with use_peft: true",
-    "tools": "tool calling is not implemented: score completions with reward_funcs",
     "rollout_func": "custom rollouts are not implemented: generation runs in grpo-ray's vLLM engines",
-    "environment_factory": "environments are not implemented: score completions with reward_funcs",
 }
 
 
@@ -77,7 +75,7 @@ class GRPOTrainer:
     ) -> None:
         given = {"processing_class": processing_class, "reward_processing_classes": reward_processing_classes,
                  "optimizers": None if tuple(optimizers) == (None, None) else optimizers, "quantization_config": quantization_config,
-                 "tools": tools, "rollout_func": rollout_func, "environment_factory": environment_factory}  # fmt: skip
+                 "rollout_func": rollout_func}  # fmt: skip
         for name, value in given.items():
             if value is not None:
                 raise ConfigError(f"GRPOTrainer({name}=...) is not supported: {_REFUSED_ARGS[name]}")
@@ -92,6 +90,13 @@ class GRPOTrainer:
         if reward_funcs is not None:
             self.reward_specs = reward_specs(reward_funcs)
             overrides["reward_funcs"] = [str(s) for s in self.reward_specs]
+        # TRL's tools= / environment_factory=: callables travel by value like reward callables
+        self.tool_specs = reward_specs(tools, "tools") if tools is not None else None
+        self.env_spec = reward_specs(environment_factory, "environment_factory")[0] if environment_factory is not None else None
+        if self.tool_specs is not None:
+            overrides["tools"] = [str(s) for s in self.tool_specs]
+        if self.env_spec is not None:
+            overrides["environment_factory"] = str(self.env_spec)
         if peft_config is not None:  # TRL: passing one trains a LoRA adapter
             overrides["peft_config"] = peft_config_dict(peft_config)
         self.args = cfg.with_overrides(overrides)
@@ -123,6 +128,7 @@ class GRPOTrainer:
             self.result = train(
                 cfg, resume=resume, overwrite=overwrite and self.datasets is None,
                 callbacks=forward.ray_callbacks() if forward else None, datasets=self.datasets, reward_specs=self.reward_specs,
+                tool_specs=self.tool_specs, env_spec=self.env_spec,
             )  # fmt: skip
         finally:
             if forward is not None:
@@ -140,7 +146,9 @@ class GRPOTrainer:
             raise ConfigError("evaluate() needs held-out prompts: pass eval_dataset to GRPOTrainer")
         init_ray(cfg)
         k = num_generations or cfg.eval_k
-        result = evaluate_remote(cfg, path, limit or cfg.eval_limit, num_generations=k, rows=rows, reward_specs=self.reward_specs)
+        result = evaluate_remote(
+            cfg, path, limit or cfg.eval_limit, num_generations=k, rows=rows, reward_specs=self.reward_specs, tool_specs=self.tool_specs, env_spec=self.env_spec
+        )
         return {"eval/accuracy": result.accuracy, **result.sampled}
 
     # ---------------------------------------------------------------- in-memory data -> OUTPUT_DIR
@@ -161,7 +169,7 @@ class GRPOTrainer:
         return self.args.with_overrides({"data": data})
 
 
-def reward_specs(reward_funcs: Any) -> list[RewardSpec]:
+def reward_specs(reward_funcs: Any, what: str = "reward_funcs") -> list[RewardSpec]:
     """Spec strings stay strings; callables are pickled by value, named `module:qualname` (a name
     repeated in the list gets `#2`, `#3`, ... so each has its own rewards/<name> metric)."""
     items = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
@@ -172,7 +180,7 @@ def reward_specs(reward_funcs: Any) -> list[RewardSpec]:
         elif callable(item):
             specs.append(ByValue(item))
         else:
-            raise ConfigError(f"reward_funcs: {item!r} is a {type(item).__name__}; pass callables or spec strings such as 'accuracy'")
+            raise ConfigError(f"{what}: {item!r} is a {type(item).__name__}; pass callables or spec strings such as 'accuracy' / 'path/file.py:name'")
     seen: dict[str, int] = {}
     for spec in specs:
         if isinstance(spec, ByValue):
@@ -186,7 +194,7 @@ def _records(dataset: Any, name: str) -> list[dict] | None:
     if dataset is None:
         return None
     if isinstance(dataset, (str, Path)):
-        return read_records(str(dataset))
+        return read_records(str(dataset))[0]  # (records, where each is in the file)
     if hasattr(dataset, "keys") and hasattr(dataset, "values"):  # a DatasetDict (a dict) or another mapping of splits
         raise ConfigError(f"{name}: a DatasetDict with splits {list(dataset.keys())}: pass one split, e.g. {name}=ds['train']")
     if hasattr(dataset, "to_list"):  # datasets.Dataset

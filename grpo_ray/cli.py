@@ -16,12 +16,12 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-from grpo_ray.config import GRPOConfig, merge, parse_override
 from grpo_ray.cluster import connect_abandoned
+from grpo_ray.config import GRPOConfig, merge, parse_override
 from grpo_ray.logs import log_dir, new_command, stop_terminal_output
-from grpo_ray.tuning.space import SCHEDULERS, SEARCHERS
+from grpo_ray.tuning import SCHEDULERS, SEARCHERS, run_cli
 
-USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ModelError", "RunDirError", "TrainingDivergedError", "ClusterError")
+USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ToolError", "ModelError", "RunDirError", "TrainingDivergedError", "ClusterError")
 _USER_ERROR_LINE = re.compile(rf"({'|'.join(USER_ERRORS)}): (.+)")
 
 
@@ -47,10 +47,11 @@ def load_config(args: argparse.Namespace) -> GRPOConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from grpo_ray.checkpoints import RUN_FILE
     from grpo_ray.driver import train
 
     if args.resume and not args.config:
-        run_file = Path(args.resume) / "run_config.yaml"
+        run_file = Path(args.resume) / RUN_FILE
         if run_file.is_file():
             args.config = str(run_file)
     if args.resume:
@@ -94,8 +95,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from grpo_ray.tuning import run_cli
-
     return run_cli(args, load_config)
 
 

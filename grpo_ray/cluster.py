@@ -118,4 +118,10 @@ def connect(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, **init_k
         # through atexit, so the driver leaves the cluster cleanly.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
     quiet_ray_init()  # also its "SIGTERM handler is not set" notice: set above instead
+    if address.startswith("ray://"):
+        # ray.init attaches the auth token when it joins host:port, but not over Ray Client: a head
+        # with token auth (the default where ~/.ray/auth_token exists) then never answers.
+        from grpo_ray.ray_compat import enable_job_token_auth  # imports Ray Train: only when joining
+
+        enable_job_token_auth()
     bounded(lambda: ray.init(address=address, **init_kwargs), address, timeout_s)

@@ -116,6 +116,7 @@ class ClusterConfig:
     omp_wait: str = "auto"
     reward_num_cpus: float = 0.0  # CPUs reserved per reward task (0: never wait for a free CPU)
     reward_timeout_s: float = 60.0
+    tool_timeout_s: float = 30.0  # one tool / environment call (multi-turn); a late one answers the model with an error
     max_failures: int = 0
     max_engine_restarts: int = 3  # a dead rollout engine is restarted (and re-synced) this often
     # Node roles: resources a node must offer to host rollout engines / trainer workers.
@@ -158,6 +159,10 @@ class GRPOConfig:
     # grpo-ray: a step where every reward function returned None for every completion has nothing
     # to learn from (TRL warns per sample and trains on NaN); "error" stops the run, "warn" goes on
     all_none_rewards: str = "error"
+    # --- multi-turn (TRL: GRPOTrainer(tools=, environment_factory=), GRPOConfig.max_tool_calling_iterations)
+    tools: list[str] = field(default_factory=list)  # "path/file.py:fn" / "pkg.mod:fn" (grpo_ray.rollout.tools)
+    environment_factory: str | None = None  # "path/file.py:Class": one environment per episode
+    max_tool_calling_iterations: int | None = None  # tool / environment answers per episode; None: until the token budget
     num_iterations: int = 1
     mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0
@@ -362,13 +367,15 @@ class GRPOConfig:
                 return str((root / value).resolve())
             return value
 
-        funcs = []
-        for spec in self.reward_funcs:
+        def fix_spec(spec: Any) -> Any:
             path = reward_file(spec)
-            funcs.append(f"{fix(path)}:{str(spec).strip().rsplit(':', 1)[1]}" if path else spec)
+            return f"{fix(path)}:{str(spec).strip().rsplit(':', 1)[1]}" if path else spec
+
         return self.with_overrides({
             "model_name_or_path": fix(self.model_name_or_path),
-            "reward_funcs": funcs,
+            "reward_funcs": [fix_spec(s) for s in self.reward_funcs],
+            "tools": [fix_spec(s) for s in self.tools],
+            "environment_factory": fix_spec(self.environment_factory) if self.environment_factory else None,
             "data": {"task": fix(self.data.task), "eval_split": fix(self.data.eval_split)},
         })  # fmt: skip
 
@@ -656,7 +663,14 @@ def _validate(c: GRPOConfig) -> None:
             len(c.reward_weights) == len(c.reward_funcs),
             f"reward_weights has {len(c.reward_weights)} values for {len(c.reward_funcs)} reward_funcs: give one weight per function",
         )
-    _require(len(c.reward_funcs) > 0, "reward_funcs is empty: name at least one reward function, e.g. [accuracy]")
+    _require(
+        len(c.reward_funcs) > 0 or bool(c.environment_factory),
+        "reward_funcs is empty: name at least one reward function, e.g. [accuracy] (or an environment_factory whose environment has get_reward)",
+    )
+    _require(
+        c.max_tool_calling_iterations is None or c.max_tool_calling_iterations >= 0,
+        f"max_tool_calling_iterations={c.max_tool_calling_iterations}: must be >= 0 (or null: until max_completion_length)",
+    )
     cl = c.cluster
     for name in ("num_rollout_actors", "num_trainer_workers", "tensor_parallel_size", "rollout_num_cpus", "trainer_num_cpus"):
         _require(getattr(cl, name) >= 1, f"cluster.{name}={getattr(cl, name)}: must be >= 1")
@@ -664,6 +678,7 @@ def _validate(c: GRPOConfig) -> None:
     _require(cl.max_engine_restarts >= 0, f"cluster.max_engine_restarts={cl.max_engine_restarts}: must be >= 0 (0: a dead engine ends the run)")
     _require(cl.connect_timeout_s > 0, f"cluster.connect_timeout_s={cl.connect_timeout_s}: must be > 0 seconds, e.g. 30")
     _require(cl.reward_timeout_s > 0, f"cluster.reward_timeout_s={cl.reward_timeout_s}: must be > 0 seconds")
+    _require(cl.tool_timeout_s > 0, f"cluster.tool_timeout_s={cl.tool_timeout_s}: must be > 0 seconds")
     _require(
         not (cl.weight_sync == "nccl" and not cl.use_gpu),
         "cluster.weight_sync='nccl' needs GPUs: set cluster.use_gpu: true or weight_sync: gloo",

@@ -26,10 +26,11 @@ from grpo_ray.logs import quiet_ray_init, route_worker_output, set_log_dir
 from grpo_ray.lora import check_model as check_peft
 from grpo_ray.metrics import METRICS_FILE, check_trackers, flatten, plot_reward_curve, read_metrics
 from grpo_ray.models import resolve_model_path
-from grpo_ray.ray_compat import GRPOTorchTrainer
+from grpo_ray.ray_compat import GRPOTorchTrainer, embedded_init_kwargs
 from grpo_ray.resources import engine_bundle, required_cpus, trainer_bundle
 from grpo_ray.rewards import check_reward_specs
 from grpo_ray.rollout import EngineSpec, RolloutPool, check_reward_functions
+from grpo_ray.rollout.tools import check_tool_keys, check_tools
 from grpo_ray.sync import resolve_transport
 from grpo_ray.trainer import FATAL_FILE, LoopConfig, run_worker
 
@@ -71,12 +72,12 @@ def init_ray(cfg: GRPOConfig) -> None:
         num_cpus=cfg.cluster.num_cpus or required_cpus(cfg),
         num_gpus=None if cfg.cluster.use_gpu else 0,
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
         runtime_env=env,
         log_to_driver=True,
-        # Reward tasks run every step; Ray's default kills idle workers above the soft limit after
-        # 1 s, so each step started fresh workers beside the update (README "Performance").
-        _system_config={"idle_worker_killing_time_threshold_ms": 300_000},
+        # Ray's private arguments (grpo_ray/ray_compat.py): loopback, and idle workers kept 5 min:
+        # reward tasks run every step, and Ray's default kills idle workers above the soft limit
+        # after 1 s, so each step started fresh workers beside the update (README "Performance").
+        **embedded_init_kwargs(idle_worker_killing_ms=300_000),
     )
     route_worker_output()  # workers' lines to OUTPUT_DIR/logs, grpo-ray's to the terminal (grpo_ray/logs.py)
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
@@ -86,6 +87,9 @@ def init_ray(cfg: GRPOConfig) -> None:
 
 # What a resumed run cannot change: the checkpoint's model and optimizer state, the data order
 # and the batch layout it continues were built from these. Everything else may change, and is recorded.
+# The LoRA keys decide what the checkpoint holds (an adapter of this shape on these modules, or the
+# full model); lora_sync and lora_dropout do not: the engines start from the base and get the
+# restored weights pushed before the first rollout, in whichever form lora_sync now names.
 FIXED_ON_RESUME = (
     "model_name_or_path",
     "data",
@@ -95,6 +99,12 @@ FIXED_ON_RESUME = (
     "gradient_accumulation_steps",
     "cluster.num_trainer_workers",
     "cluster.zero_stage",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "lora_modules_to_save",
+    "peft_config",
 )
 _NOT_COMPARED = ("output_dir", "cluster.address")  # where the run is, not what it is
 
@@ -163,11 +173,11 @@ def evaluate_remote(cfg: GRPOConfig, model_path: str, limit: int | None = None, 
     """`evaluate.evaluate` as a Ray task, so vLLM gets its own process and CPUs (kwargs: rows,
     num_generations, reward_specs).
 
-    `max_calls=1`: the worker exits after it, or the idle process would keep its vLLM engine
-    (4 GiB for SmolLM2) and spend a quarter of a core beside the training that follows (seen in
-    the demo: the embedded Ray keeps idle workers for minutes, for the reward tasks). "DEFAULT":
-    never inside the caller's placement group (a Tune trial's holds no CPU). It asks for what a
-    rollout engine asks for (`resources.engine_bundle`)."""
+    `max_calls=1`: the worker exits after it, or the idle process would keep its vLLM engine's
+    memory and some CPU beside the training that follows (the embedded Ray keeps idle workers for
+    minutes, for the reward tasks; README "Performance"). "DEFAULT": never inside the caller's
+    placement group (a Tune trial's holds no CPU). It asks for what a rollout engine asks for
+    (`resources.engine_bundle`)."""
     need = engine_bundle(cfg.cluster)
     cpus, gpus = need.pop("CPU"), need.pop("GPU", 0)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, resources=need or None, max_retries=0, max_calls=1)(evaluate)
@@ -175,9 +185,10 @@ def evaluate_remote(cfg: GRPOConfig, model_path: str, limit: int | None = None, 
     return ray.get(task.remote(cfg, model_path, limit, **kwargs))
 
 
-def held_out_accuracy(cfg: GRPOConfig, model_path: str, rows: list[dict] | None = None) -> float:
-    """Greedy eval-split accuracy (eval.json's start/end numbers)."""
-    return float(evaluate_remote(cfg, model_path, cfg.eval_limit, rows=rows).accuracy)
+def held_out_accuracy(cfg: GRPOConfig, model_path: str, rows: list[dict] | None = None, **user_code: Any) -> float:
+    """Greedy eval-split accuracy (eval.json's start/end numbers); `user_code`: the Python API's
+    tool_specs / env_spec."""
+    return float(evaluate_remote(cfg, model_path, cfg.eval_limit, rows=rows, **user_code).accuracy)
 
 
 def train(
@@ -187,11 +198,14 @@ def train(
     callbacks: list | None = None,
     datasets: tuple[list[dict], list[dict]] | None = None,
     reward_specs: list | None = None,
+    tool_specs: list | None = None,
+    env_spec: Any = None,
 ) -> RunResult:
     """Run one GRPO training job to completion and return where its outputs are.
 
-    `datasets` (train rows, eval rows) and `reward_specs` (names or `rewards.ByValue` callables,
-    aligned with cfg.reward_funcs) are the Python API's: they travel to the workers through Ray."""
+    `datasets` (train rows, eval rows), `reward_specs` (names or `rewards.ByValue` callables,
+    aligned with cfg.reward_funcs), `tool_specs` and `env_spec` (the same for cfg.tools and
+    cfg.environment_factory) are the Python API's: they travel to the workers through Ray."""
     cfg = cfg.with_absolute_paths()
     check_output_dir(cfg, resume, overwrite)
     check_trackers(cfg)
@@ -203,20 +217,23 @@ def train(
         check_peft(cfg, model_path)  # a LoRA target that does not exist fails here, before Ray starts
     if reward_specs is None:
         check_reward_specs(cfg.reward_funcs)  # names and files; importing them runs in a Ray worker
+    check_tool_keys(cfg, tool_specs, env_spec)
     init_ray(cfg)
     set_log_dir(Path(cfg.output_dir).resolve())
-    check_reward_functions(reward_specs or cfg.reward_funcs, cfg.cluster.reward_timeout_s)
+    if reward_specs or cfg.reward_funcs:
+        check_reward_functions(reward_specs or cfg.reward_funcs, cfg.cluster.reward_timeout_s)
+    check_tools(cfg, tool_specs, env_spec)  # tools and environment import (in a Ray worker) before OUTPUT_DIR is written
     out = prepare_output_dir(cfg, resume, overwrite)
     scores: dict[str, float] = {}
     if cfg.eval_at_start_and_end and not resume:
-        scores["start"] = held_out_accuracy(cfg, model_path, datasets and datasets[1])
+        scores["start"] = held_out_accuracy(cfg, model_path, datasets and datasets[1], tool_specs=tool_specs, env_spec=env_spec)
         print(f"[grpo-ray] held-out accuracy before training: {scores['start']:.3f}")
     pool = RolloutPool(cfg, EngineSpec.from_config(cfg, model_path))
     try:
         transport = resolve_transport(cfg.cluster.weight_sync, cfg.cluster.use_gpu)
         loop = LoopConfig(
             cfg=cfg.to_dict(), model_path=model_path, pool=pool, transport=transport, output_dir=str(out),
-            datasets=datasets, reward_specs=reward_specs,
+            datasets=datasets, reward_specs=reward_specs, tool_specs=tool_specs, env_spec=env_spec,
         )  # fmt: skip
         result = make_trainer(cfg, loop, out, callbacks).fit()
     finally:
@@ -227,7 +244,7 @@ def train(
     curve = plot_reward_curve(out)
     ckpt = latest_checkpoint(out)
     if cfg.eval_at_start_and_end and ckpt is not None:
-        scores["end"] = held_out_accuracy(cfg, str(Path(ckpt.path) / MODEL_DIR), datasets and datasets[1])
+        scores["end"] = held_out_accuracy(cfg, str(Path(ckpt.path) / MODEL_DIR), datasets and datasets[1], tool_specs=tool_specs, env_spec=env_spec)
         previous = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
         scores = {**previous, **scores}
         (out / "eval.json").write_text(json.dumps(scores, indent=1))

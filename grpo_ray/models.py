@@ -15,6 +15,7 @@ crash mid-build never leave a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -92,6 +93,20 @@ def check_model_folder(path: Path, name: str) -> None:
         raise ModelError(f"{where}: folder has no weights (*.safetensors or pytorch_model.bin); {fix}")
 
 
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers' tqdm bars (loading, 'Writing model shards') off for the block."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def build_once(key: str, build: Callable[[Path], None]) -> Path:
     """Build a model folder into the cache once; later calls (any process) reuse it."""
     target = cache_dir() / "models" / key
@@ -103,7 +118,8 @@ def build_once(key: str, build: Callable[[Path], None]) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
         try:
-            build(tmp)
+            with quiet_progress_bars():  # a first build must not print bars between grpo-ray's lines
+                build(tmp)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

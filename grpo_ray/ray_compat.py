@@ -18,8 +18,9 @@ still exists, so a Ray upgrade that moves one fails there, loudly, rather than m
       get_max_resources_from_cluster_config        (a Tune trial that can never fit is refused up front)
     Trainable._storage.trial_fs_path               a class trainable's trial dir in the study's storage
                                                    (Tune's public `get_context()` serves function trainables)
-    ray.init(_node_ip_address=, _system_config=    the embedded Ray (driver.init_ray): bind to loopback
-      {"idle_worker_killing_time_threshold_ms"})   where Ray allows it; keep idle reward workers alive
+    ray.init(_node_ip_address=, _system_config=    the embedded Ray (embedded_init_kwargs, for
+      {"idle_worker_killing_time_threshold_ms"})   driver.init_ray): bind to loopback where Ray
+                                                   allows it; keep idle reward workers alive
     ray._private.worker.                           where log_to_driver's worker lines go (grpo_ray/logs.py
       global_worker_stdstream_dispatcher           sends them to OUTPUT_DIR/logs, only ours to the terminal)
     ray._private.worker (its module logger)        ray.init's routine start notices (logs.quiet_ray_init)
@@ -46,6 +47,12 @@ INIT_PRIVATE_KWARGS = ("_node_ip_address", "_system_config")  # ray.init argumen
 TOKEN_SETUP_MODULE = "ray._private.authentication.authentication_token_setup"
 RAY_WORKER_LOGGER = "ray._private.worker"  # logs ray.init's start notices
 RAY_PRINTER = "ray_print_logs"  # the name Ray gives its log_to_driver handler
+
+
+def embedded_init_kwargs(idle_worker_killing_ms: int) -> dict[str, Any]:
+    """`ray.init`'s private arguments for the embedded Ray (driver.init_ray): bind to loopback where
+    Ray allows it, and kill idle workers only after `idle_worker_killing_ms` (Ray's default: 1 s)."""
+    return {"_node_ip_address": "127.0.0.1", "_system_config": {IDLE_WORKER_KILLING_KEY: idle_worker_killing_ms}}
 
 
 def dashboard_running() -> bool:
@@ -98,7 +105,8 @@ def quiet_train_report_logs() -> None:
 
 def enable_job_token_auth() -> bool:
     """Send Ray's auth token when one is available and RAY_AUTH_MODE is unset, as `ray.init` does when
-    it joins a cluster (a head started where ~/.ray/auth_token exists requires it). The token comes
+    it joins a cluster at host:port (a head started where ~/.ray/auth_token exists requires it): for
+    the Job Submission client and for Ray Client (`ray://`), which do not do it themselves. The token comes
     from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; RAY_AUTH_MODE=disabled opts out."""
     try:
         from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available

@@ -285,36 +285,52 @@ BUILTINS: dict[str, RewardFn] = {
 # --------------------------------------------------------------------------------------------------
 
 
-def _import_file(path: str, spec_str: str) -> Any:
+def _import_file(path: str, spec_str: str, what: str = "reward") -> Any:
     """Load ``path`` as a module. It is removed from ``sys.modules`` afterwards so cloudpickle ships its
     functions to Ray workers by value (the file need not be importable there)."""
     if not os.path.isfile(path):
-        raise RewardError(f"reward {spec_str!r}: file {path!r} not found (cwd: {os.getcwd()}); fix the path")
+        raise RewardError(f"{what} {spec_str!r}: file {path!r} not found (cwd: {os.getcwd()}); fix the path")
     mod_name = f"_grpo_ray_reward_{abs(hash(os.path.abspath(path)))}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
-        raise RewardError(f"reward {spec_str!r}: cannot load {path!r} as a Python module; use a .py file")
+        raise RewardError(f"{what} {spec_str!r}: cannot load {path!r} as a Python module; use a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module  # dataclasses/typing look the module up while it executes
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
         raise RewardError(
-            f"reward {spec_str!r}: importing {path!r} failed with {type(exc).__name__}: {exc}; fix the file"
+            f"{what} {spec_str!r}: importing {path!r} failed with {type(exc).__name__}: {exc}; fix the file"
         ) from exc
     finally:
         sys.modules.pop(mod_name, None)
     return module
 
 
-def _import_module(name: str, spec_str: str) -> Any:
+def _import_module(name: str, spec_str: str, what: str = "reward") -> Any:
     try:
         return importlib.import_module(name)
     except Exception as exc:
         raise RewardError(
-            f"reward {spec_str!r}: cannot import module {name!r} ({type(exc).__name__}: {exc}); "
+            f"{what} {spec_str!r}: cannot import module {name!r} ({type(exc).__name__}: {exc}); "
             "check the name and that it is on PYTHONPATH, or use 'path/to/file.py:function'"
         ) from exc
+
+
+def import_object(spec: str | ByValue, what: str) -> Any:
+    """`pkg.mod:name` or `path/file.py:name` -> the object (a tool, an environment class); a
+    `ByValue` unpickles. Every failure is one line naming `what` and the spec."""
+    if isinstance(spec, ByValue):
+        return spec.load()
+    s = str(spec).strip()
+    mod_part, _, attr = s.rpartition(":")
+    if not mod_part or not attr:
+        raise RewardError(f"{what} {s!r} must look like 'package.module:name' or 'path/to/file.py:name'")
+    module = _import_file(mod_part, s, what) if reward_file(s) else _import_module(mod_part, s, what)
+    if not hasattr(module, attr):
+        names = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")]
+        raise RewardError(f"{what} {s!r}: module {mod_part!r} has no attribute {attr!r} (callables: {', '.join(names) or 'none'})")
+    return getattr(module, attr)
 
 
 def resolve_reward_function(spec: str | ByValue | Callable[..., Any]) -> tuple[str, RewardFn]:
@@ -354,11 +370,15 @@ def check_reward_specs(specs: Sequence[str | Callable[..., Any]]) -> None:
         if callable(spec):
             continue
         s = str(spec).strip()
-        mod_part = s.rsplit(":", 1)[0] if ":" in s else None
-        if mod_part is None:
+        if ":" not in s:
             resolve_reward_function(s)  # a built-in, or one line naming the closest
-        elif (mod_part.endswith(".py") or "/" in mod_part) and not os.path.isfile(mod_part):
-            raise RewardError(f"reward {s!r}: file {mod_part!r} not found (cwd: {os.getcwd()}); fix the path")
+            continue
+        mod_part, _, attr = s.rpartition(":")
+        if not mod_part or not attr:
+            raise RewardError(f"reward {s!r} must look like 'package.module:function' or 'path/to/file.py:function'")
+        path = reward_file(s)
+        if path is not None and not os.path.isfile(path):
+            raise RewardError(f"reward {s!r}: file {path!r} not found (cwd: {os.getcwd()}); fix the path")
 
 
 def resolve_reward_functions(specs: Sequence[str | Callable[..., Any]]) -> list[tuple[str, RewardFn]]:

@@ -29,7 +29,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from grpo_ray.config import TRANSPORTS
+from grpo_ray.config import TRANSPORTS, WEIGHT_SYNC
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,13 @@ class GroupAddress:
 
 
 def resolve_transport(weight_sync: str, use_gpu: bool) -> str:
-    if weight_sync == "auto":
-        return "nccl" if use_gpu else "gloo"
-    if weight_sync not in TRANSPORTS:
-        raise ValueError(f"cluster.weight_sync={weight_sync!r}: use one of auto, {', '.join(TRANSPORTS)}")
-    return weight_sync
+    """`cluster.weight_sync` (one of config.WEIGHT_SYNC) -> a transport: the one it names, or for
+    the one choice that names none ("auto") nccl on GPU, gloo on CPU."""
+    if weight_sync not in WEIGHT_SYNC:
+        raise ValueError(f"cluster.weight_sync={weight_sync!r}: use one of {', '.join(WEIGHT_SYNC)}")
+    if weight_sync in TRANSPORTS:
+        return weight_sync
+    return "nccl" if use_gpu else "gloo"
 
 
 def free_port(host: str) -> int:

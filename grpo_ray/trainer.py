@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
-from collections import defaultdict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
+from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -35,13 +32,14 @@ from grpo_ray import lora, sync
 from grpo_ray.algorithm import LossOptions, entropy_from_logits, grpo_loss, selective_log_softmax
 from grpo_ray.checkpoints import load_checkpoint, restore_point, save_checkpoint
 from grpo_ray.config import GRPOConfig, omp_wait_env
-from grpo_ray.data import DataError, PromptSampler, load_datasets, render_prompts
+from grpo_ray.data import DataError, PromptSampler, load_datasets
 from grpo_ray.evaluate import evaluate_on_pool
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
 from grpo_ray.ray_compat import quiet_train_report_logs
 from grpo_ray.rewards import RewardError, RewardSpec
-from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool
+from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool, make_backend
+from grpo_ray.rollout.queue import RolloutQueue
 
 
 @dataclass
@@ -57,6 +55,8 @@ class LoopConfig:
     # carried to the workers by Ray; None: read data.* / reward_funcs from the config.
     datasets: tuple[list[dict], list[dict]] | None = None
     reward_specs: list[RewardSpec] | None = None
+    tool_specs: list[RewardSpec] | None = None  # the Python API's tools= / environment_factory= (else cfg's)
+    env_spec: RewardSpec | None = None
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -81,7 +81,7 @@ def collate(batch: RolloutBatch, idx: list[int], pad_id: int, mask_truncated: bo
         c = batch.completion_ids[i]
         comp[row, : len(c)] = torch.tensor(c, dtype=torch.long)
         keep = not (mask_truncated and batch.truncated[i])
-        comp_mask[row, : len(c)] = float(keep)
+        comp_mask[row, : len(c)] = torch.tensor(batch.mask(i), dtype=torch.float32) * float(keep)  # multi-turn: tool ids 0
         if slogp is not None:
             slogp[row, : len(c)] = torch.tensor(batch.sampling_logprobs[i])
     rows = pack([batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx], pad_id, pair_cost)
@@ -144,14 +144,7 @@ class Policy:
         self.pad_id = pad_id
         self.precision = cfg.resolved_precision(device_supports_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **lora.load_kwargs(cfg))
-        if cfg.disable_dropout:
-            disable_dropout(model)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.config.use_cache = False
-        if cfg.use_peft:
-            model = lora.wrap(model, cfg)
+        model = trainable_model(cfg, model_path)
         optim_name, notice = cfg.resolved_optim(on_gpu=device.type == "cuda")
         if notice and ray.train.get_context().get_world_rank() == 0:
             print(f"[grpo-ray] {notice}")
@@ -320,6 +313,22 @@ class StepGuard:
             )
 
 
+def trainable_model(cfg: GRPOConfig, model_path: str) -> torch.nn.Module:
+    """The policy as the config shapes it, before DeepSpeed: fp32 master weights, TRL's
+    disable_dropout, gradient checkpointing, and the LoRA adapter (use_peft)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **lora.load_kwargs(cfg))
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.use_peft:
+        model = lora.wrap(model, cfg)
+    return model
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """TRL's `disable_dropout_in_model`: every `nn.Dropout` to p=0 (the engines never drop out)."""
     for module in model.modules():
@@ -370,86 +379,6 @@ def deepspeed_config(cfg: GRPOConfig, precision: str, inference: bool = False) -
     }
 
 
-# ----------------------------------------------------------------------------- rollouts ahead
-@dataclass
-class InFlight:
-    """One submitted rollout: its step, the weights that sample it, and how to replay its rows."""
-
-    step: int
-    version: int  # updates the engines' weights had seen when it was submitted
-    sampler_state: dict  # the sampler before this rollout drew its rows (what a checkpoint saves)
-    future: Future
-
-
-class RolloutQueue:
-    """Rank 0's rollouts in flight, oldest first, `staleness` steps ahead of the update.
-
-    Staleness 0 (sync) submits step t's rollout and waits for it at once. Staleness 1 (async)
-    submits step t+1's rollout before step t's update, so vLLM generates on its own CPUs while
-    the trainer updates; the batch of step t+1 is then sampled by the weights after update t-1,
-    and the loss corrects for that with the sampling logprobs (vLLM importance sampling).
-
-    Ordering with the engines: an engine actor runs one call at a time, and a weight load in the
-    middle of a generation would sample one batch from two policies. So `drain` waits until every
-    rollout in flight has returned before the trainer pushes weights, and the next rollout is only
-    submitted after the push returned: generate(t+1) < push(w_t) < generate(t+2), always.
-    Generation runs on one background thread (the Ray calls block in C++, without the GIL)."""
-
-    def __init__(
-        self, rollout: Rollout, sampler: PromptSampler, tokenizer: Any, staleness: int, max_steps: int, start: int = 0,
-        chat_template_kwargs: dict | None = None,
-    ) -> None:  # fmt: skip
-        self.rollout, self.sampler, self.tokenizer = rollout, sampler, tokenizer
-        self.chat_template_kwargs = chat_template_kwargs
-        self.staleness, self.max_steps = staleness, max_steps
-        self.submitted = start  # the last step whose rollout was submitted
-        self.inflight: deque[InFlight] = deque()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-rollout")
-        self.weights_lock = threading.Lock()  # held while the update changes the weights
-
-    def guarded(self, resync: Callable[[], None]) -> Callable[[], None]:
-        """An engine restart inside an async rollout re-syncs from the rollout thread: make it wait
-        for the update in flight, so that it never sends half-updated weights."""
-
-        def locked() -> None:
-            with self.weights_lock:
-                resync()
-
-        return locked
-
-    def take(self, step: int) -> tuple[RolloutBatch, int]:
-        """Step `step`'s scored batch and its staleness (updates between its sampler and the trainer).
-
-        First tops the queue up to `step + staleness`; those rollouts sample with the engines'
-        current weights, i.e. after `step - 1` updates."""
-        while self.submitted < min(step + self.staleness, self.max_steps):
-            self.submitted += 1
-            self._submit(self.submitted, version=step - 1)
-        head = self.inflight.popleft()
-        assert head.step == step, f"rollout queue out of order: step {step} got step {head.step}'s batch"
-        return head.future.result(), (step - 1) - head.version
-
-    def _submit(self, step: int, version: int) -> None:
-        state = self.sampler.state_dict()
-        rows = self.sampler.next_batch()
-        prompts = render_prompts(self.tokenizer, rows, self.chat_template_kwargs)
-        future = self.executor.submit(self.rollout.generate_and_score, rows, prompts, step)
-        self.inflight.append(InFlight(step, version, state, future))
-
-    def drain(self) -> float:
-        """Block until no rollout is running (before a weight push); returns seconds waited."""
-        t0 = time.perf_counter()
-        wait_futures([item.future for item in self.inflight])
-        return time.perf_counter() - t0
-
-    def sampler_state(self) -> dict:
-        """The sampler as a checkpoint must save it: rows drawn for rollouts not yet trained on are replayed."""
-        return self.inflight[0].sampler_state if self.inflight else self.sampler.state_dict()
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-
 # ----------------------------------------------------------------------------- the step
 @dataclass
 class Worker:
@@ -488,8 +417,7 @@ def grpo_step(w: Worker, step: int) -> dict[str, float]:
     batch, staleness = next_batch(w, step)  # generate + score (TRL's first half); async: already done
     w.last_batch = batch if w.rank == 0 else None
     t1 = time.perf_counter()
-    masked = w.cfg.mask_truncated_completions
-    tokens = max(1.0, float(sum(len(c) for c, cut in zip(batch.completion_ids, batch.truncated) if not (masked and cut))))
+    tokens = max(1.0, float(batch.trained_tokens(w.cfg.mask_truncated_completions)))
     with w.queue.weights_lock if w.queue is not None else nullcontext():
         stats = w.policy.update(batch.shard(w.rank, w.world), tokens)  # loss, backward, optimizer step
     t2 = time.perf_counter()
@@ -586,7 +514,7 @@ def train_loop_per_worker(loop: dict) -> None:
     if rank == 0:
         train_rows, w.eval_rows = lc.datasets or load_datasets(cfg.data)
         w.sampler = PromptSampler(train_rows, cfg.prompts_per_step, seed=cfg.seed)
-        w.rollout = Rollout(cfg, lc.pool, tokenizer, lc.reward_specs)
+        w.rollout = Rollout(cfg, lc.pool, make_backend(cfg, tokenizer, lc.tool_specs, lc.env_spec), lc.reward_specs)
     start = 0
     checkpoint = restore_point(ray.train.get_checkpoint(), lc.output_dir)
     if checkpoint is not None:
@@ -601,16 +529,16 @@ def train_loop_per_worker(loop: dict) -> None:
     # whatever checkpoint (or none) this attempt starts from. Give them this attempt's policy.
     w.pusher.push()
     if rank == 0:
-        w.queue = RolloutQueue(w.rollout, w.sampler, tokenizer, cfg.staleness, cfg.max_steps, start, cfg.chat_template_kwargs)
+        w.queue = RolloutQueue(w.rollout, w.sampler, cfg.staleness, cfg.max_steps, start)
         lc.pool.on_restart = w.queue.guarded(pusher.resync)  # a restarted engine gets the current weights
     bar = progress_bar(cfg, start) if rank == 0 else None
     eval_every = cfg.resolved_eval_steps
     if rank == 0 and eval_every and cfg.eval_on_start and start == 0:
-        w.logger.log({"step": 0, **evaluate_on_pool(cfg, lc.pool, tokenizer, w.eval_rows, w.rollout.reward_specs)})
+        w.logger.log({"step": 0, **evaluate_on_pool(cfg, lc.pool, w.rollout.backend, w.eval_rows, w.rollout.reward_specs)})
     for step in range(start + 1, cfg.max_steps + 1):
         metrics = grpo_step(w, step)
         if rank == 0 and eval_every and step % eval_every == 0:  # engines hold this step's weights, idle
-            metrics.update(evaluate_on_pool(cfg, lc.pool, tokenizer, w.eval_rows, w.rollout.reward_specs))
+            metrics.update(evaluate_on_pool(cfg, lc.pool, w.rollout.backend, w.eval_rows, w.rollout.reward_specs))
         if w.logger is not None:
             w.logger.log(metrics)
             if cfg.log_completions:
@@ -628,6 +556,7 @@ def train_loop_per_worker(loop: dict) -> None:
             ray.train.report(reported)
     if w.queue is not None:
         w.queue.close()
+        w.rollout.close()
     if w.logger is not None:
         w.logger.close()
     if bar is not None:

@@ -108,7 +108,6 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "entropy_coef_max": (1.0, _ADAPTIVE),
     "entropy_coef_delta": (0.005, _ADAPTIVE),
     "entropy_target": (0.2, _ADAPTIVE),
-    "max_tool_calling_iterations": (None, "tool calling is not implemented: score completions with reward_funcs"),
     "num_completions_to_print": (None, "completions are not printed: log_completions writes OUTPUT_DIR/completions.jsonl"),
     "log_unique_prompts": (False, "log_completions logs every (prompt, completion) row"),
     "log_completions_hub_repo": (None, _HUB),

@@ -86,6 +86,10 @@ def _trl_trainer(
     vllm_importance_sampling_clip_max=3.0,
     sapo_temperature_pos=1.0,
     sapo_temperature_neg=1.05,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
 ):
     """A GRPOTrainer with no __init__ run: only what `_compute_loss` and the exec'd snippets read."""
     t = GRPOTrainer.__new__(GRPOTrainer)
@@ -94,10 +98,10 @@ def _trl_trainer(
         delta=delta,
         sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg,
-        vespo_k_pos=2.0,
-        vespo_lambda_pos=3.0,
-        vespo_k_neg=3.0,
-        vespo_lambda_neg=2.0,
+        vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
         steps_per_generation=1,
         entropy_target=0.2,
     )
@@ -306,7 +310,8 @@ def _compare(
     names = ("epsilon", "epsilon_high", "delta", "importance_sampling_level", "use_bias_correction_kl",
              "off_policy_mask_threshold", "top_entropy_quantile", "entropy_coef", "sapo_temperature_pos",
              "sapo_temperature_neg", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_min",
-             "vllm_importance_sampling_clip_max")  # fmt: skip
+             "vllm_importance_sampling_clip_max", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+             "vespo_lambda_neg")  # fmt: skip
     kwargs = {k: v for k, v in trl_kw.items() if k in names}
     kwargs.update(our_kw)
     if with_sampling:
@@ -361,6 +366,8 @@ def test_loss_matches_trl(loss_type, level, beta, with_old, delta):
         dict(loss_type="cispo", epsilon_high=5.0),
         dict(loss_type="cispo", epsilon_high=1.1),
         dict(loss_type="sapo", sapo_temperature_pos=0.7, sapo_temperature_neg=1.3),
+        # distinct non-default values: the defaults (2, 3, 3, 2) would hide k_pos and lambda_neg swapped
+        dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=4.0, vespo_lambda_neg=1.2),
         dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=False),
         dict(loss_type="grpo", beta=0.1, importance_sampling_level="sequence", use_bias_correction_kl=False),
         dict(loss_type="dapo", off_policy_mask_threshold=0.05),

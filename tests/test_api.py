@@ -114,10 +114,10 @@ def test_python_api_on_a_two_node_cluster_with_a_reward_the_workers_cannot_impor
 def test_steps_per_generation_eval_on_start_and_eval_cli_numbers(tmp_path, tiny_model_path):
     """YAML-path config: steps_per_generation=4 with accumulation 2 -> one round of 64 completions feeds
     two optimizer steps (the linear schedule over max_steps x 2 updates shows it); eval_on_start logs
-    step 0; `evaluate(num_generations=k)` of the final checkpoint reproduces the last in-training eval
-    (same engine seeds, same weights)."""
+    step 0; `grpo-ray eval --num-generations k` of the final checkpoint reproduces the last
+    in-training eval (same engine seeds, same weights)."""
+    from grpo_ray.cli import main
     from grpo_ray.driver import train
-    from grpo_ray.evaluate import evaluate
     from tests.conftest import quick_config
 
     cfg = quick_config(
@@ -134,9 +134,13 @@ def test_steps_per_generation_eval_on_start_and_eval_cli_numbers(tmp_path, tiny_
     table = [json.loads(line) for line in (Path(result.output_dir) / COMPLETIONS_FILE).read_text().splitlines()]
     assert [sum(t["step"] == s for t in table) for s in (1, 2)] == [64, 64]
     assert rows[1]["clip_ratio"] > 0  # the round's second optimizer step is off-policy
-    final = evaluate(cfg, result.checkpoint_dir, limit=cfg.eval_limit, num_generations=4)
+    # `grpo-ray eval --num-generations 4` of the final checkpoint reports the same pass@k
+    config, report = tmp_path / "run.yaml", tmp_path / "eval.json"
+    cfg.to_yaml(config)
+    assert main(["eval", "--config", str(config), "--model", result.checkpoint_dir, "--limit", "16", "--num-generations", "4", "--output", str(report)]) == 0
+    final = json.loads(report.read_text())
     for key in ("eval/pass@1", "eval/pass@4", "eval/mean@4"):
-        assert final.sampled[key] == pytest.approx(rows[2][key], abs=1e-6), (key, final.sampled, rows[2])
+        assert final[key] == pytest.approx(rows[2][key], abs=1e-6), (key, final, rows[2])
 
 
 def test_trl_loss_and_data_keys_reach_the_trainer(tmp_path, tiny_model_path):
@@ -157,3 +161,47 @@ def test_trl_loss_and_data_keys_reach_the_trainer(tmp_path, tiny_model_path):
     for r in rows:
         assert r["entropy_coef"] == 0.01 and r["kl"] >= 0 and 0 < r["vespo/phi_seq_mean"]
         assert math.isfinite(r["loss"]) and "clip_ratio/region_mean" not in r  # vespo never hard-clips
+
+
+def test_python_api_on_a_ray_client_connection(tmp_path, monkeypatch):
+    """`ray://` (Ray Client) to a separate `ray start --head`: the by-value reward and the in-memory
+    rows travel through Ray. The rows' copy in OUTPUT_DIR is deleted before the driver starts, so
+    the run can only have had them from Ray."""
+    import ray
+
+    from grpo_ray import api
+    from tests.test_jobs import HeadNode
+
+    materialize = api.GRPOTrainer._materialize
+
+    def without_the_files(self, resume, overwrite):
+        cfg = materialize(self, resume, overwrite)
+        for name in (api.TRAIN_FILE, api.EVAL_FILE):
+            Path(cfg.output_dir, name).unlink(missing_ok=True)
+        return cfg
+
+    monkeypatch.setattr(api.GRPOTrainer, "_materialize", without_the_files)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # connect() sets it for ray://; restored after the test
+    ray.shutdown()
+    head = HeadNode(num_cpus=4)
+    try:
+        import socket
+        import time
+
+        deadline = time.monotonic() + 60  # the Ray Client server comes up after the job server
+        while socket.socket().connect_ex(("127.0.0.1", head.client_port)) != 0 and time.monotonic() < deadline:
+            time.sleep(1)
+        # a Ray Client connection starts a server process for it on the head: slow on a busy machine
+        address = f"ray://127.0.0.1:{head.client_port}"
+        args = quick_args(tmp_path, max_steps=2, save_steps=2, cluster={"kv_cache_gib": 1, "address": address, "connect_timeout_s": 180})
+        trainer = GRPOTrainer(
+            "tiny-arith", reward_funcs=[lambda prompts, completions, answer, **kw: accuracy(prompts, completions, answer)],
+            args=args, train_dataset=records(64, 0),
+        )  # fmt: skip
+        result = trainer.train()
+        rows = read_metrics(result.output_dir)
+        assert [r["step"] for r in rows] == [1, 2] and not Path(result.output_dir, api.TRAIN_FILE).exists()
+        assert all(0 <= r["reward_mean"] <= 1 for r in rows)
+    finally:
+        ray.shutdown()
+        head.stop()

@@ -16,6 +16,21 @@ def test_import_grpo_ray_is_light():
     assert out.stdout.strip() == "False False", out.stderr[-1000:]
 
 
+def test_reward_types_are_exported_and_the_import_stays_light():
+    """A Python-API user types and combines rewards from `grpo_ray` itself, without pulling in torch or Ray."""
+    import grpo_ray
+    from grpo_ray import rewards
+
+    for name in ("RewardFn", "RewardSpec", "RewardError", "ByValue", "accuracy", "format_reward", "reasoning_gym_reward"):
+        assert name in grpo_ray.__all__ and name in dir(grpo_ray)
+        assert getattr(grpo_ray, name) is getattr(rewards, name), name
+    assert grpo_ray.accuracy(["q"], ["\\boxed{3}"], answer=["3"]) == [1.0]
+    code = ("import sys; from grpo_ray import ByValue, RewardError, RewardFn, RewardSpec, accuracy, format_reward, reasoning_gym_reward; "
+            "print(callable(accuracy), 'torch' in sys.modules, 'ray' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True False False", out.stderr[-1000:]
+
+
 def args(tmp_path) -> GRPOConfig:
     return GRPOConfig(output_dir=str(tmp_path / "run"), report_to="none")
 
@@ -41,7 +56,8 @@ def test_reward_funcs_mix_callables_and_specs_and_name_them_in_the_config(tmp_pa
         ({"peft_config": 3}, "peft_config: expected a peft.LoraConfig or a mapping of its fields, got int"),
         ({"quantization_config": object()}, "load_in_4bit: true"),
         ({"optimizers": (object(), None)}, "set optim, learning_rate"),
-        ({"tools": [print]}, "tool calling is not implemented"),
+        ({"tools": [3]}, "tools: 3 is a int"),
+        ({"rollout_func": print}, "custom rollouts are not implemented"),
         ({"train_dataset": 42}, "train_dataset: expected a datasets.Dataset, a list of dicts or a file path, got a int"),
         ({"train_dataset": []}, "train_dataset is empty"),
         ({"train_dataset": [{"question": "x"}]}, "prompt column 'prompt' not found in train_dataset"),
@@ -84,3 +100,15 @@ def test_dataset_dict_and_datasets_dataset(tmp_path):
         GRPOTrainer("tiny-arith", train_dataset=datasets.DatasetDict({"train": ds}))
     t = GRPOTrainer("tiny-arith", args=args(tmp_path), train_dataset=ds, eval_dataset=ds)
     assert t.datasets[0][0]["answer"] == "2" and len(t.datasets[1]) == 1
+
+
+def test_a_dataset_path_gives_the_rows_an_in_memory_dataset_gives(tmp_path):
+    import json
+
+    records = [{"prompt": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(6)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    by_path = GRPOTrainer("tiny-arith", train_dataset=str(path), eval_dataset=str(path))
+    in_memory = GRPOTrainer("tiny-arith", train_dataset=records, eval_dataset=records)
+    assert by_path.datasets == in_memory.datasets and len(by_path.datasets[0]) == 6
+    assert by_path.datasets[0][3]["answer"] == "5"

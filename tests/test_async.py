@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from grpo_ray.data import PromptSampler
-from grpo_ray.trainer import RolloutQueue
+from grpo_ray.rollout.queue import RolloutQueue
 
 
 class FakeEngines:
@@ -23,7 +23,7 @@ class FakeEngines:
         self.busy = threading.Lock()
         self.sampled: dict[int, tuple[int, int, list]] = {}  # step -> (version at start, at end, rows)
 
-    def generate_and_score(self, rows: list[dict], prompts: list[str], step: int) -> dict:
+    def generate_and_score(self, rows: list[dict], step: int) -> dict:
         with self.busy:
             start = self.version
             time.sleep(self.gen_seconds)  # long enough for a racing push to land mid-generation
@@ -39,7 +39,7 @@ def run_loop(staleness: int, steps: int, save_after: int | None = None) -> tuple
     """The trainer's loop with the engines faked: take, update, drain, push."""
     engines = FakeEngines(gen_seconds=0.02)
     sampler = PromptSampler([{"prompt": f"p{i}"} for i in range(10)], batch_size=2, seed=0)
-    queue = RolloutQueue(engines, sampler, tokenizer=None, staleness=staleness, max_steps=steps)
+    queue = RolloutQueue(engines, sampler, staleness=staleness, max_steps=steps)
     seen, saved = [], None
     try:
         for step in range(1, steps + 1):
@@ -77,7 +77,7 @@ def test_checkpoint_sampler_state_replays_the_rows_of_rollouts_still_in_flight()
 def test_sync_queue_has_nothing_in_flight_after_take():
     engines = FakeEngines(gen_seconds=0.0)
     sampler = PromptSampler([{"prompt": "p"}] * 4, batch_size=2, seed=0)
-    queue = RolloutQueue(engines, sampler, tokenizer=None, staleness=0, max_steps=3)
+    queue = RolloutQueue(engines, sampler, staleness=0, max_steps=3)
     queue.take(1)
     assert not queue.inflight and queue.drain() < 0.01
     queue.close()

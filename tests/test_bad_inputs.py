@@ -26,6 +26,28 @@ import pytest
 
 from grpo_ray.config import GRPOConfig
 
+TOOLS = '''
+def undocumented(x):
+    return x
+
+class NoReset:
+    def check(self, x: int) -> int:
+        """Check.
+
+        Args:
+            x: a number
+        """
+        return x
+
+class ResetRaises:
+    def reset(self, **row):
+        raise KeyError("level")
+
+class NoReward:
+    def reset(self, **row):
+        return None
+'''
+
 REWARDS = '''
 import time
 
@@ -136,6 +158,13 @@ CASES: dict[str, Case] = {
     "reward-strings": Case([*QUICK, "--set", "reward_funcs=[{tmp}/r.py:strings]"], "returned str 'good' at index 0", {"r.py": REWARDS}, max_s=SLOW_S),
     "reward-all-none": Case([*QUICK, "--set", "reward_funcs=[{tmp}/r.py:all_none]"], "returned None for all 32 completions", {"r.py": REWARDS}, max_s=SLOW_S),
     "reward-timeout": Case([*QUICK, "--set", "reward_funcs=[{tmp}/r.py:sleeps]", "--set", "cluster.reward_timeout_s=3"], "did not finish within cluster.reward_timeout_s=3s", {"r.py": REWARDS}, max_s=SLOW_S),
+    # tools and environments (multi-turn): loaded once in a Ray worker before OUTPUT_DIR is written
+    "tool-missing-file": Case([*QUICK, "--set", "tools=[{tmp}/nope.py:f]"], "tool '", max_s=90),
+    "tool-no-docstring": Case([*QUICK, "--set", "tools=[{tmp}/t.py:undocumented]"], "tool 'undocumented': no JSON schema", {"t.py": TOOLS}, max_s=90),
+    "env-no-reset": Case([*QUICK, "--set", "environment_factory={tmp}/t.py:NoReset"], "its environments need a reset(**row) method", {"t.py": TOOLS}, max_s=90),
+    "env-no-reward-source": Case([*QUICK, "--set", "environment_factory={tmp}/t.py:NoReward", "--set", "reward_funcs=[]"], "has no get_reward()", {"t.py": TOOLS}, max_s=90),
+    "env-reset-raises": Case([*QUICK, "--set", "environment_factory={tmp}/t.py:ResetRaises"], "environment ResetRaises.reset raised KeyError", {"t.py": TOOLS}, max_s=SLOW_S),
+    "tool-iterations-without-tools": Case([*QUICK, "--set", "max_tool_calling_iterations=2"], "max_tool_calling_iterations is set but the run has no tools"),
 }
 SLOW = {name for name, case in CASES.items() if case.max_s > PROCESS_S}
 for _name in SLOW:
@@ -194,8 +223,10 @@ def run_main(argv: list[str], capfd) -> tuple[int, str, str, float]:
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
-def test_bad_input(name, tmp_path, silent_port, capfd, monkeypatch):
+def test_bad_input(name, tmp_path, silent_port, capfd, monkeypatch, request):
     case = CASES[name]
+    if "--quick" in case.argv:
+        request.getfixturevalue("tiny_model_path")  # a first build of the tiny model is not the time to fail
     for rel, content in case.files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -263,7 +294,7 @@ def test_all_none_rewards_error_or_warning(capsys):
 def test_resume_records_overrides_and_refuses_fixed_keys(tmp_path, capsys):
     """`--resume DIR --set k=v` used to train with v while DIR/run_config.yaml kept the old value,
     which the next plain --resume reloaded."""
-    from grpo_ray.driver import RUN_FILE, FIXED_ON_RESUME, RunDirError, check_output_dir, prepare_output_dir
+    from grpo_ray.driver import FIXED_ON_RESUME, RUN_FILE, RunDirError, check_output_dir, prepare_output_dir
     from tests.conftest import quick_config
 
     cfg = quick_config(tmp_path)
@@ -278,6 +309,17 @@ def test_resume_records_overrides_and_refuses_fixed_keys(tmp_path, capsys):
             check_output_dir(resumed.with_overrides({key: value}), resume=True, overwrite=False)
     assert "cluster.zero_stage" in FIXED_ON_RESUME and "learning_rate" not in FIXED_ON_RESUME
     assert GRPOConfig.from_yaml(out / RUN_FILE) == resumed  # nothing written by the refusals
+    # A LoRA checkpoint holds an adapter of this shape, scale and set of modules: those are fixed.
+    # How vLLM gets it (lora_sync) and dropout are not: the restored weights are pushed either way.
+    lora = quick_config(tmp_path / "lora", use_peft=True)
+    prepare_output_dir(lora, resume=False, overwrite=False)
+    for key, value in (("use_peft", False), ("lora_r", 8), ("lora_alpha", 16), ("lora_target_modules", ["q_proj"]),
+                       ("lora_modules_to_save", ["lm_head"]), ("peft_config", {"use_rslora": True})):  # fmt: skip
+        with pytest.raises(RunDirError, match=f"--resume cannot change {key}"):
+            check_output_dir(lora.with_overrides({key: value}), resume=True, overwrite=False)
+    with pytest.raises(RunDirError, match="--resume cannot change use_peft"):  # a full run resumed as LoRA
+        check_output_dir(resumed.with_overrides({"use_peft": True}), resume=True, overwrite=False)
+    check_output_dir(lora.with_overrides({"lora_sync": "adapter", "lora_dropout": 0.0}), resume=True, overwrite=False)
 
 
 def test_a_run_that_never_logged_a_step_does_not_block_the_next(tmp_path):

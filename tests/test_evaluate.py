@@ -9,7 +9,7 @@ import torch
 
 from grpo_ray.config import GRPOConfig
 from grpo_ray.evaluate import pass_at_k, sampled_metrics
-from grpo_ray.rollout import Group
+from grpo_ray.rollout import Episodes
 
 
 def test_pass_at_k_matches_hand_values():
@@ -26,7 +26,11 @@ def test_sampled_metrics_per_prompt():
     cfg = GRPOConfig(data={"task": "arith"}, reward_funcs=["format"])
     rows = [{"prompt": [{"role": "user", "content": "1+1"}], "answer": "2"}, {"prompt": [{"role": "user", "content": "2+2"}], "answer": "4"}]
     texts = [["\\boxed{2}", "3", "5", "\\boxed{7}"], ["1", "\\boxed{2}", "3", "5"]]
-    groups = [Group(completion_ids=[[0]] * 4, logprobs=None, truncated=[False] * 4, texts=t) for t in texts]
+    flat = [t for group in texts for t in group]
+    groups = Episodes(
+        prompt_ids=[[0]] * 8, completion_ids=[[0]] * 8, loss_mask=[[1]] * 8, sampling_logprobs=None, truncated=[False] * 8,
+        texts=flat, completions=[[{"role": "assistant", "content": t}] for t in flat], num_generations=4,
+    )
     from grpo_ray.evaluate import _local_score
 
     m = sampled_metrics(cfg, rows, groups, cfg.reward_funcs, _local_score)

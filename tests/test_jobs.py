@@ -248,6 +248,7 @@ class HeadNode:
         self.port = _free_port()
         self.dashboard_port = _free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.client_port = _free_port()  # Ray Client: ray://127.0.0.1:<client_port>
         venv_bin = str(Path(sys.executable).parent)
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
         env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # the job's `python` is this venv's
@@ -256,7 +257,7 @@ class HeadNode:
             str(Path(venv_bin) / "ray"), "start", "--head", "--block",
             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
             f"--port={self.port}", f"--dashboard-port={self.dashboard_port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+            f"--ray-client-server-port={self.client_port}", f"--dashboard-agent-listen-port={_free_port()}",
             f"--temp-dir={self.temp_dir}",
         ]  # fmt: skip
         self.log = open(Path(self.temp_dir) / "ray-start.log", "w")

@@ -111,7 +111,7 @@ def assert_adapter_reached_vllm(moved: float, vs_trainer: float) -> None:
 
 
 # ZeRO 2's sync reads full parameters on every rank, as ZeRO 0's does; ZeRO 3 gathers them.
-@pytest.mark.parametrize("lora_sync,zero_stage,workers", [("merged", 0, 1), ("merged", 3, 2), ("adapter", 3, 2)])
+@pytest.mark.parametrize("lora_sync,zero_stage,workers", [("merged", 0, 1), ("merged", 3, 2), ("adapter", 3, 2), ("adapter", 2, 2)])
 def test_lora_adapter_reaches_vllm(tmp_path, tiny_model_path, ray_local, lora_sync, zero_stage, workers):
     r = run_check(tmp_path, tiny_model_path, zero_stage, workers, lora_sync=lora_sync)
     assert_adapter_reached_vllm(r["engine_moved"], r["engine_vs_trainer"])
@@ -150,6 +150,9 @@ def test_lora_run_checkpoint_resume_export_and_vllm_serves_it(tmp_path, tiny_mod
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["logprob_mismatch"] < 1e-3 for r in rows), [r["logprob_mismatch"] for r in rows]
     assert any(r["kl"] > 0 for r in rows[1:])  # the adapter moved the policy off the reference
+    # The resumed run starts from the trained adapter, not a fresh one: a new adapter (B = 0) is the
+    # base exactly, i.e. the reference, so its KL is 0 -- as step 1's is (the control).
+    assert rows[0]["kl"] == 0.0 and rows[2]["kl"] > 1e-6, [r["kl"] for r in rows]
     ckpt = sorted(p for p in (Path(cfg.output_dir) / "ray" / "train").glob("checkpoint_*") if p.is_dir())[-1]
     model_dir = ckpt / "model"
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in model_dir.iterdir()}

@@ -105,3 +105,27 @@ def test_log_completions_table_goes_to_the_file_and_every_tracker_and_resume_cut
     # a resume from step 0 cuts the table back like metrics.jsonl
     MetricsLogger(out, cfg, resume_step=1).close()
     assert (out / COMPLETIONS_FILE).read_text() == ""
+
+
+def test_reward_curve_plots_the_held_out_evals(tmp_path, monkeypatch):
+    """eval/* rows (eval_steps, eval_on_start) appear in reward_curve.png beside the training reward."""
+    from matplotlib.figure import Figure
+
+    from grpo_ray.config import GRPOConfig
+    from grpo_ray.metrics import MetricsLogger, plot_reward_curve
+
+    legends: list[list[str]] = []
+    savefig = Figure.savefig
+
+    def spy(self, *args, **kwargs):
+        legends.append([t.get_text() for ax in self.axes for t in ax.get_legend().get_texts()])
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    logger = MetricsLogger(tmp_path, GRPOConfig(report_to=[], logging_steps=1, max_steps=2))
+    logger.log({"step": 0, "eval/pass@1": 0.1, "eval/pass@4": 0.3, "eval/mean@4": 0.2})
+    logger.log({"step": 1, "reward_mean": 0.2, "reward_std": 0.1})
+    logger.log({"step": 2, "reward_mean": 0.3, "reward_std": 0.1, "eval/pass@1": 0.2, "eval/pass@4": 0.5, "eval/mean@4": 0.3})
+    logger.close()
+    assert plot_reward_curve(tmp_path).is_file()
+    assert legends[-1][0] == "reward_mean" and {"held-out pass@1", "held-out pass@4", "held-out mean@4"} <= set(legends[-1])

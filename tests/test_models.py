@@ -115,6 +115,24 @@ def test_disable_dropout_matches_trl():
     torch.testing.assert_close(ours(x), ours[0](x))  # train mode, yet nothing dropped
 
 
+def test_the_trainer_builds_its_policy_with_disable_dropout_and_gradient_checkpointing(tmp_path):
+    """The trainer's model (trainable_model) honours disable_dropout: a GPT-2 with dropout modules."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from grpo_ray.config import GRPOConfig
+    from grpo_ray.trainer import trainable_model
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2)).save_pretrained(tmp_path)
+
+    def dropout_ps(cfg: GRPOConfig) -> list[float]:
+        return sorted({m.p for m in trainable_model(cfg, str(tmp_path)).modules() if isinstance(m, torch.nn.Dropout)})
+
+    assert dropout_ps(GRPOConfig(disable_dropout=False)) == [0.2]  # the control: the model has dropout
+    assert dropout_ps(GRPOConfig(disable_dropout=True)) == [0.0]
+    assert trainable_model(GRPOConfig(gradient_checkpointing=True), str(tmp_path)).is_gradient_checkpointing
+
+
 def test_chat_template_kwargs_reach_the_template(tiny_model_path):
     from transformers import AutoTokenizer
 

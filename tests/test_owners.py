@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from grpo_ray import algorithm, sync
-from grpo_ray.config import IS_MODES, LOSS_TYPES, TRANSPORTS, ConfigError, GRPOConfig, reward_file
+from grpo_ray.config import IS_MODES, LOSS_TYPES, TRANSPORTS, WEIGHT_SYNC, ConfigError, GRPOConfig, reward_file
 from grpo_ray.jobs import local_references
 from grpo_ray.resources import engine_bundle, required_cpus, run_bundles, total, trainer_bundle
+from grpo_ray.rewards import RewardError, check_reward_specs
 from grpo_ray.rollout import EngineSpec
 from grpo_ray.text import suggest, text_table
 from tests.conftest import quick_config
@@ -38,18 +39,31 @@ def test_text_table_markdown_and_plain():
 
 
 @pytest.mark.parametrize(
-    "spec, file",
+    "spec, file, precheck",
     [
-        ("accuracy", None),
-        ("my_pkg.rewards:fn", None),
-        ("rewards.py:fn", "rewards.py"),
-        ("dir/rewards:fn", "dir/rewards"),
-        ("/abs/r.py:fn", "/abs/r.py"),
-        ("r.py:", None),
+        ("accuracy", None, None),
+        ("my_pkg.rewards:fn", None, None),  # a module: imported later, not checked before Ray starts
+        ("rewards.py:fn", "rewards.py", "not found"),
+        ("dir/rewards:fn", "dir/rewards", "not found"),
+        ("/abs/r.py:fn", "/abs/r.py", "not found"),
+        ("r.py:", None, "must look like"),  # no function: not a file spec, and refused as malformed
+        (":fn", None, "must look like"),
     ],
 )
-def test_reward_file_is_one_rule(spec, file):
+def test_reward_file_is_one_rule(spec, file, precheck, tmp_path, monkeypatch):
+    """`check_reward_specs` (the driver's check before Ray starts) asks the same rule: a spec it
+    calls a file is looked for on disk, and passes once the file is there."""
     assert reward_file(spec) == file
+    monkeypatch.chdir(tmp_path)
+    if precheck is None:
+        check_reward_specs([spec])
+        return
+    with pytest.raises(RewardError, match=precheck):
+        check_reward_specs([spec])
+    if file is not None and not file.startswith("/"):
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_text("def fn(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+        check_reward_specs([spec])
 
 
 def test_reward_file_rule_is_what_absolute_paths_and_job_staging_use(tmp_path, monkeypatch):
@@ -88,3 +102,13 @@ def test_each_choice_list_has_one_owner():
         assert GRPOConfig(loss_type=loss, vllm_importance_sampling_mode="token_truncate").loss_type == loss
     with pytest.raises(ConfigError, match=r"loss_type='nope' is not supported"):
         GRPOConfig(loss_type="nope")
+
+
+def test_every_weight_sync_choice_resolves_to_a_transport():
+    """sync.resolve_transport reads config.WEIGHT_SYNC: each choice the config accepts becomes a transport."""
+    for choice in WEIGHT_SYNC:
+        for use_gpu in (False, True):
+            assert sync.resolve_transport(choice, use_gpu) in TRANSPORTS
+    assert [sync.resolve_transport("auto", gpu) for gpu in (False, True)] == ["gloo", "nccl"]
+    with pytest.raises(ValueError, match=f"use one of {', '.join(WEIGHT_SYNC)}$"):
+        sync.resolve_transport("tcp", False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,26 @@ def test_embedded_ray_init_hooks():
     assert ray_compat.IDLE_WORKER_KILLING_KEY.encode() in raylet, f"Ray's system config lost {ray_compat.IDLE_WORKER_KILLING_KEY}"
 
 
+def test_embedded_ray_gets_the_private_init_arguments_through_the_adapter(monkeypatch, tmp_path):
+    """driver.init_ray passes exactly the private ray.init arguments the adapter names (ray.init is
+    replaced: no Ray starts)."""
+    from grpo_ray import driver
+    from grpo_ray.config import GRPOConfig
+
+    assert tuple(ray_compat.embedded_init_kwargs(5)) == ray_compat.INIT_PRIVATE_KWARGS
+    seen = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no_token"))
+    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(driver.ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(driver, "quiet_ray_init", lambda: None)
+    monkeypatch.setattr(driver, "route_worker_output", lambda: None)
+    driver.init_ray(GRPOConfig())
+    assert seen["_node_ip_address"] == "127.0.0.1"
+    assert seen["_system_config"] == {ray_compat.IDLE_WORKER_KILLING_KEY: 300_000}
+    assert seen["include_dashboard"] is False and seen["log_to_driver"] is True
+
+
 def test_sigint_hook():
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -106,9 +127,12 @@ def test_no_other_module_reaches_into_private_ray():
         for needle in ("ray._private", "._internal", "._storage", "._create_default_callbacks"):
             if needle in text:
                 offenders.append(f"{path.relative_to(root)}: {needle}")
+        for name in ray_compat.INIT_PRIVATE_KWARGS:  # a whole word: ray.util.get_node_ip_address is public
+            if re.search(rf"\b{name}\b", text):
+                offenders.append(f"{path.relative_to(root)}: {name}")
     assert offenders == [], offenders
 
 
-@pytest.mark.parametrize("name", ["GRPOTorchTrainer", "enable_job_token_auth", "autoscaler_max_resources", "trial_dir", "swap_log_to_driver_handler"])
+@pytest.mark.parametrize("name", ["GRPOTorchTrainer", "embedded_init_kwargs", "enable_job_token_auth", "autoscaler_max_resources", "trial_dir", "swap_log_to_driver_handler"])
 def test_every_hook_is_exported(name):
     assert callable(getattr(ray_compat, name))

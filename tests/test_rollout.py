@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from grpo_ray.data import load_datasets, render_prompts
+from grpo_ray.data import load_datasets
 from grpo_ray.rewards import RewardError, accuracy
-from grpo_ray.rollout import EngineSpec, Rollout, RolloutPool, score_rewards
+from grpo_ray.rollout import EngineSpec, Rollout, RolloutPool, make_backend, score_rewards
 from tests.conftest import quick_config
 
 pytestmark = pytest.mark.slow
@@ -62,8 +62,8 @@ def test_generate_and_score_groups(tmp_path, tiny_model_path, ray_local):
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
         rows, _ = load_datasets(cfg.data)
         rows = rows[:5]  # odd on purpose: split 3 + 2 over the two engines
-        rollout = Rollout(cfg, pool, tokenizer)
-        batch = rollout.generate_and_score(rows, render_prompts(tokenizer, rows), step=1)
+        rollout = Rollout(cfg, pool, make_backend(cfg, tokenizer))
+        batch = rollout.generate_and_score(rows, step=1)
         G = cfg.num_generations
         assert len(batch) == 5 * G and batch.num_generations == G
         assert batch.rewards.shape == (5 * G,) and batch.rewards_per_func.shape == (5 * G, 2)
@@ -84,13 +84,13 @@ def test_generate_and_score_groups(tmp_path, tiny_model_path, ray_local):
         answers = [r["answer"] for r in rows for _ in range(G)]
         expected = accuracy(batch.prompts, batch.completions, answer=answers)
         assert batch.rewards_per_func[:, 0].tolist() == expected
-        again = rollout.generate_and_score(rows, render_prompts(tokenizer, rows), step=1)
+        again = rollout.generate_and_score(rows, step=1)
         assert again.completion_ids == batch.completion_ids  # per-step seeds: reproducible
-        other = rollout.generate_and_score(rows, render_prompts(tokenizer, rows), step=2)
+        other = rollout.generate_and_score(rows, step=2)
         assert other.completion_ids != batch.completion_ids
         # A batch big enough that vLLM would chunk some prefills (seeded requests once crashed then).
         many, _ = load_datasets(cfg.with_overrides({"data": {"size": 40}}).data)
-        big = rollout.generate_and_score(many, render_prompts(tokenizer, many), step=3)
+        big = rollout.generate_and_score(many, step=3)
         assert len(big) == 40 * G
         m = batch.metrics()
         assert m["gen_tokens_per_s"] > 0 and 0 <= m["rewards/accuracy"] <= 1

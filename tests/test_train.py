@@ -93,8 +93,8 @@ def test_held_out_eval_leaves_no_engine_process_behind(tmp_path, tiny_model_path
         # machine (CI saw it still alive at 3 s); an idle worker that keeps its engine stays for minutes.
         deadline = time.monotonic() + 60
         while True:
-            big = {p.pid: p.memory_info().rss >> 20 for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("ray::")}
-            big = {pid: mib for pid, mib in big.items() if mib >= 1000}
+            workers = [p for p in psutil.process_iter(["name", "memory_info"]) if (p.info["name"] or "").startswith("ray::")]  # skips exiting ones
+            big = {p.pid: p.info["memory_info"].rss >> 20 for p in workers if p.info["memory_info"] and p.info["memory_info"].rss >= 1000 << 20}
             if not big or time.monotonic() > deadline:
                 break
             time.sleep(1)

@@ -91,6 +91,34 @@ def test_kwargs_mistakes_are_one_line_config_errors(kwargs, expected):
     assert expected in _error(exc_info)
 
 
+@pytest.mark.parametrize(
+    "per_device, accumulation, workers, generation_batch_size, steps_per_generation",
+    [
+        (4, 1, 1, 16, 4),  # unset, this batch would be one micro-batch a round (4 % 4 == 0)
+        (3, 1, 1, 12, 4),
+        (2, 2, 1, 8, 4),
+        (4, 2, 2, 32, 4),  # the divisor counts every trainer worker (TRL: num_processes)
+        (4, 2, 2, 16, 2),
+    ],
+)
+def test_generation_batch_size_resolves_to_steps_per_generation(per_device, accumulation, workers, generation_batch_size, steps_per_generation):
+    """TRL: steps_per_generation = generation_batch_size // (per_device_train_batch_size * num_processes);
+    one round then samples exactly generation_batch_size completions, for spg / accumulation optimizer steps."""
+    cfg = GRPOConfig(per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, num_generations=4,
+                     generation_batch_size=generation_batch_size, cluster={"num_trainer_workers": workers})  # fmt: skip
+    assert cfg.resolved_steps_per_generation == steps_per_generation
+    assert cfg.completions_per_step == generation_batch_size
+    assert cfg.optimizer_steps_per_round == steps_per_generation // accumulation
+    assert cfg.steps_per_generation is None  # what was set is what run_config.yaml keeps
+    if workers == 1:  # TRL itself, on one process
+        import trl
+
+        theirs = trl.GRPOConfig(output_dir="unused", per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+                                num_generations=4, generation_batch_size=generation_batch_size, use_cpu=True, bf16=False, fp16=False,
+                                report_to="none")  # fmt: skip
+        assert (theirs.steps_per_generation, theirs.generation_batch_size) == (steps_per_generation, generation_batch_size)
+
+
 def _default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default

@@ -19,6 +19,10 @@ imports it.
 
 from typing import Any
 
+from grpo_ray.tuning.space import SCHEDULERS, SEARCHERS  # the CLI's choices (space imports no Ray)
+
+__all__ = ["SCHEDULERS", "SEARCHERS", "run_cli"]
+
 
 def run_cli(args: Any, load_config: Any) -> int:
     """`grpo-ray tune ...`; imported on call, so `grpo_ray.tuning.space` stays light (no Ray)."""
