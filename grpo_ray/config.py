@@ -116,6 +116,9 @@ class ClusterConfig:
     omp_wait: str = "auto"
     reward_num_cpus: float = 0.0  # CPUs reserved per reward task (0: never wait for a free CPU)
     reward_timeout_s: float = 60.0
+    # a reward chunk past the timeout scores NaN (counted: reward_timeouts); more than this share
+    # of a step's scores late stops the run
+    reward_timeout_max_share: float = 0.5
     tool_timeout_s: float = 30.0  # one tool / environment call (multi-turn); a late one answers the model with an error
     max_failures: int = 0
     max_engine_restarts: int = 3  # a dead rollout engine is restarted (and re-synced) this often
@@ -159,6 +162,10 @@ class GRPOConfig:
     # grpo-ray: a step where every reward function returned None for every completion has nothing
     # to learn from (TRL warns per sample and trains on NaN); "error" stops the run, "warn" goes on
     all_none_rewards: str = "error"
+    # grpo-ray (DAPO's dynamic sampling; not in TRL): drop groups whose rewards do not vary and
+    # sample more prompts, up to this many rounds per step (grpo_ray.rollout.dynamic)
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
     # --- multi-turn (TRL: GRPOTrainer(tools=, environment_factory=), GRPOConfig.max_tool_calling_iterations)
     tools: list[str] = field(default_factory=list)  # "path/file.py:fn" / "pkg.mod:fn" (grpo_ray.rollout.tools)
     environment_factory: str | None = None  # "path/file.py:Class": one environment per episode
@@ -630,6 +637,10 @@ def _validate(c: GRPOConfig) -> None:
         value = getattr(c, name)
         _require(value in (True, False, None, "auto"), f"{name}={value!r}: use true, false or \"auto\"")
     _require(not (c.bf16 is True and c.fp16 is True), "bf16 and fp16 are both true: set only one of them")
+    _require(
+        c.dynamic_sampling_max_rounds >= 1,
+        f"dynamic_sampling_max_rounds={c.dynamic_sampling_max_rounds}: sampling rounds per step, at least 1 (1 samples once and keeps every group); try 3",
+    )
     _require(c.num_generations >= 2, f"num_generations={c.num_generations}: GRPO needs at least 2 completions per prompt to compare; set num_generations >= 2")
     _require(c.beta >= 0, f"beta={c.beta}: the KL coefficient cannot be negative; use 0 (no KL) or a positive value such as 0.001")
     _require(c.temperature > 0, f"temperature={c.temperature}: must be > 0 (GRPO needs sampling); try 0.7")
@@ -678,6 +689,10 @@ def _validate(c: GRPOConfig) -> None:
     _require(cl.max_engine_restarts >= 0, f"cluster.max_engine_restarts={cl.max_engine_restarts}: must be >= 0 (0: a dead engine ends the run)")
     _require(cl.connect_timeout_s > 0, f"cluster.connect_timeout_s={cl.connect_timeout_s}: must be > 0 seconds, e.g. 30")
     _require(cl.reward_timeout_s > 0, f"cluster.reward_timeout_s={cl.reward_timeout_s}: must be > 0 seconds")
+    _require(
+        0 <= cl.reward_timeout_max_share <= 1,
+        f"cluster.reward_timeout_max_share={cl.reward_timeout_max_share}: a share in [0, 1] (0: any late reward stops the run)",
+    )
     _require(cl.tool_timeout_s > 0, f"cluster.tool_timeout_s={cl.tool_timeout_s}: must be > 0 seconds")
     _require(
         not (cl.weight_sync == "nccl" and not cl.use_gpu),

@@ -88,7 +88,8 @@ def evaluate_on_pool(cfg: GRPOConfig, pool: Any, backend: Backend, rows: list[di
     episodes = backend.sample(pool, rows, eval_sampling(cfg, cfg.eval_k), seed=EVAL_SEED)
 
     def score_fn(fns: list, prompts: list, completions: list, columns: dict) -> torch.Tensor:
-        return score_rewards(fns, prompts, completions, columns, cfg.cluster.reward_timeout_s, num_cpus=cfg.cluster.reward_num_cpus)
+        # strict: a held-out number with scores missing would be wrong, so any late reward is an error
+        return score_rewards(fns, prompts, completions, columns, cfg.cluster.reward_timeout_s, num_cpus=cfg.cluster.reward_num_cpus)[0]
 
     return {**sampled_metrics(cfg, rows, episodes, specs, score_fn), "eval/seconds": time.perf_counter() - t0}
 

@@ -76,6 +76,7 @@ NOT_IN_TRL = {
     "max_staleness",
     "max_bad_steps",  # NaN/inf updates skipped; this many in a row stop the run
     "all_none_rewards",  # a step where every reward function returns None for every sample: error (default) or warn
+    "dynamic_sampling", "dynamic_sampling_max_rounds",  # DAPO: drop zero-variance groups, sample more prompts
     "shared_prompt_packing",  # the update runs each prompt once for several completions (exact)
     "tools", "environment_factory",  # TRL: GRPOTrainer(tools=..., environment_factory=...)
     # TRL: ModelConfig (use_peft, lora_*, load_in_4bit; defaults checked in tests/test_lora.py), GRPOTrainer(peft_config=...)

@@ -34,6 +34,10 @@ def user_rewards(tmp_path):
             return [0.0] * len(completions)
         def short(prompts, completions, **kw):
             return [0.0]
+        def slow_on_a(prompts, completions, **kw):
+            if "a" in completions:
+                time.sleep(60)
+            return [2.0] * len(completions)
     '''))
     return str(path)
 
@@ -41,8 +45,8 @@ def user_rewards(tmp_path):
 def test_reward_scoring_in_ray_tasks(ray_local, user_rewards):
     prompts = ["p"] * 6
     completions = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
-    got = score_rewards([f"{user_rewards}:length", f"{user_rewards}:sometimes_none"], prompts, completions, {}, timeout_s=60, num_chunks=3)
-    assert got.shape == (6, 2)
+    got, timeouts = score_rewards([f"{user_rewards}:length", f"{user_rewards}:sometimes_none"], prompts, completions, {}, timeout_s=60, num_chunks=3)
+    assert got.shape == (6, 2) and timeouts == 0
     assert got[:, 0].tolist() == [1, 2, 3, 4, 5, 6]  # chunk order preserved
     assert [math.isnan(x) for x in got[:, 1].tolist()] == [False, True] * 3  # None -> NaN, per chunk
     with pytest.raises(RewardError, match=r"boom_at_3' raised ZeroDivisionError.*first failing sample: 3"):
@@ -51,6 +55,13 @@ def test_reward_scoring_in_ray_tasks(ray_local, user_rewards):
         score_rewards([f"{user_rewards}:short"], prompts, completions, {}, timeout_s=60, num_chunks=2)
     with pytest.raises(RewardError, match=r"slow' did not finish within cluster.reward_timeout_s=2s"):
         score_rewards([f"{user_rewards}:length", f"{user_rewards}:slow"], prompts, completions, {}, timeout_s=2)
+    # a late chunk scores NaN and is counted, up to reward_timeout_max_share of the scores (3 of 12 here)
+    specs = [f"{user_rewards}:length", f"{user_rewards}:slow_on_a"]
+    got, timeouts = score_rewards(specs, prompts, completions, {}, timeout_s=2, max_timeout_share=0.25)
+    assert timeouts == 3 and got[:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    assert [math.isnan(x) for x in got[:, 1].tolist()] == [True] * 3 + [False] * 3 and got[3:, 1].tolist() == [2.0] * 3
+    with pytest.raises(RewardError, match=r"slow_on_a' did not finish.*3 of 12 scores late, more than cluster.reward_timeout_max_share=0.2"):
+        score_rewards(specs, prompts, completions, {}, timeout_s=2, max_timeout_share=0.2)
     with pytest.raises(RewardError, match=r"no_such_module"):
         score_rewards(["no_such_module:fn"], prompts, completions, {}, timeout_s=60)
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 REQUIRED_METRICS = {
     "step", "reward_mean", "reward_std", "rewards/accuracy", "rewards/format", "loss", "clip_ratio",
     "completion_length_mean", "learning_rate", "logprob_mismatch", "gen_tokens_per_s", "step_time_s",
-    "generate_s", "train_s", "sync_s",
+    "generate_s", "train_s", "sync_s", "reward_timeouts",
 }  # fmt: skip
 
 

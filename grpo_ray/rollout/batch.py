@@ -7,6 +7,7 @@ ids the model sampled (1) and which a tool or environment wrote (0, never traine
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -125,6 +126,29 @@ class RolloutBatch:
             episode_metrics=self.episode_metrics,
         )
 
+    def groups(self) -> int:
+        return len(self) // self.num_generations
+
+    def informative_groups(self) -> list[int]:
+        """Groups with a non-zero advantage somewhere: the ones that carry a policy gradient
+        (a group whose rewards do not vary has every advantage 0, continuous rewards included)."""
+        per_group = self.advantages.reshape(-1, self.num_generations)
+        return [g for g in range(len(per_group)) if bool((per_group[g] != 0).any())]
+
+    def select_groups(self, groups: list[int]) -> "RolloutBatch":
+        """These groups, in this order (advantages as they are: the caller re-normalises if needed)."""
+        k = self.num_generations
+        idx = [g * k + j for g in groups for j in range(k)]
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return dataclasses.replace(
+            self,
+            prompt_ids=pick(self.prompt_ids), completion_ids=pick(self.completion_ids),
+            sampling_logprobs=pick(self.sampling_logprobs), truncated=pick(self.truncated),
+            prompts=pick(self.prompts), completions=pick(self.completions),
+            rewards=self.rewards[idx], rewards_per_func=self.rewards_per_func[idx], advantages=self.advantages[idx],
+            loss_mask=pick(self.loss_mask),
+        )  # fmt: skip
+
     def metrics(self) -> dict[str, float]:
         lengths = torch.tensor([len(c) for c in self.completion_ids], dtype=torch.float32)
         out = {
@@ -162,3 +186,25 @@ class RolloutBatch:
 def _json_float(x: torch.Tensor) -> float | None:
     value = float(x)
     return None if math.isnan(value) else value
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Several rounds' batches as one (sample-major order kept; times and token counts summed)."""
+    first = batches[0]
+    if len(batches) == 1:
+        return first
+    join = lambda name: None if getattr(first, name) is None else [x for b in batches for x in getattr(b, name)]  # noqa: E731
+    metrics: dict[str, float] = {}
+    for key in first.episode_metrics:  # means are averaged over the (equal-sized) rounds, counts summed
+        values = [b.episode_metrics.get(key, 0.0) for b in batches]
+        metrics[key] = sum(values) / len(values) if key.endswith("_mean") else sum(values)
+    return dataclasses.replace(
+        first,
+        prompt_ids=join("prompt_ids"), completion_ids=join("completion_ids"), sampling_logprobs=join("sampling_logprobs"),
+        truncated=join("truncated"), prompts=join("prompts"), completions=join("completions"), loss_mask=join("loss_mask"),
+        rewards=torch.cat([b.rewards for b in batches]), rewards_per_func=torch.cat([b.rewards_per_func for b in batches]),
+        advantages=torch.cat([b.advantages for b in batches]),
+        generate_s=sum(b.generate_s for b in batches), score_s=sum(b.score_s for b in batches),
+        gen_tokens=sum(b.gen_tokens for b in batches), engine_restarts=max(b.engine_restarts for b in batches),
+        episode_metrics=metrics,
+    )  # fmt: skip

@@ -12,6 +12,7 @@ from typing import Callable
 
 from grpo_ray.data import PromptSampler
 from grpo_ray.rollout.batch import RolloutBatch
+from grpo_ray.rollout.dynamic import sample_informative
 from grpo_ray.rollout.runner import Rollout
 
 
@@ -21,8 +22,8 @@ class InFlight:
 
     step: int
     version: int  # updates the engines' weights had seen when it was submitted
-    sampler_state: dict  # the sampler before this rollout drew its rows (what a checkpoint saves)
-    future: Future
+    sampler_state: dict | None = None  # the sampler before this rollout drew its rows (what a checkpoint saves)
+    future: Future | None = None
 
 
 class RolloutQueue:
@@ -70,10 +71,18 @@ class RolloutQueue:
         return head.future.result(), (step - 1) - head.version
 
     def _submit(self, step: int, version: int) -> None:
-        state = self.sampler.state_dict()
-        rows = self.sampler.next_batch()
-        future = self.executor.submit(self.rollout.generate_and_score, rows, step)
-        self.inflight.append(InFlight(step, version, state, future))
+        item = InFlight(step, version)
+        item.future = self.executor.submit(self._collect, item)
+        self.inflight.append(item)
+
+    def _collect(self, item: InFlight) -> RolloutBatch:
+        """Runs on the rollout thread, so rows are drawn in step order even when dynamic sampling
+        draws more of them after seeing the rewards."""
+        item.sampler_state = self.sampler.state_dict()
+        cfg = self.rollout.cfg
+        if cfg.dynamic_sampling:
+            return sample_informative(self.rollout, self.sampler.next_batch, item.step, cfg.dynamic_sampling_max_rounds)
+        return self.rollout.generate_and_score(self.sampler.next_batch(), item.step)
 
     def drain(self) -> float:
         """Block until no rollout is running (before a weight push); returns seconds waited."""
@@ -82,7 +91,9 @@ class RolloutQueue:
         return time.perf_counter() - t0
 
     def sampler_state(self) -> dict:
-        """The sampler as a checkpoint must save it: rows drawn for rollouts not yet trained on are replayed."""
+        """The sampler as a checkpoint must save it: rows drawn for rollouts not yet trained on are
+        replayed. Waits for the rollouts in flight (a checkpoint follows `drain` anyway)."""
+        self.drain()
         return self.inflight[0].sampler_state if self.inflight else self.sampler.state_dict()
 
     def close(self) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol, Sequence
 
+import torch
+
 from grpo_ray.algorithm import compute_advantages
 from grpo_ray.config import GRPOConfig
 from grpo_ray.rewards import RewardSpec
@@ -49,14 +51,14 @@ class Rollout:
         # cfg.reward_funcs names them; the Python API's callables travel pickled by value (rewards.ByValue)
         self.reward_specs = list(reward_specs) if reward_specs else list(cfg.reward_funcs)
 
-    def generate_and_score(self, rows: list[dict], step: int) -> RolloutBatch:
+    def generate_and_score(self, rows: list[dict], step: int, attempt: int = 0) -> RolloutBatch:
+        """`attempt` > 0: a further sampling round of the same step (dynamic sampling), its own seed."""
         cfg = self.cfg
-        episodes = self.backend.sample(self.pool, rows, self.sampling, seed=cfg.seed * 1_000_003 + step * 10_007)
+        seed = cfg.seed * 1_000_003 + step * 10_007 + attempt * 101
+        episodes = self.backend.sample(self.pool, rows, self.sampling, seed=seed)
         t1 = time.perf_counter()
-        per_func, names = score_episodes(cfg, self.reward_specs, rows, episodes)
-        advantages, rewards = compute_advantages(
-            per_func, episodes.num_generations, reward_weights(cfg, names), cfg.scale_rewards, cfg.multi_objective_aggregation
-        )
+        per_func, names, timeouts = score_episodes(cfg, self.reward_specs, rows, episodes)
+        advantages, rewards = self.advantages(per_func, names, episodes.num_generations)
         check_some_rewards(rewards, cfg, step)
         score_s = time.perf_counter() - t1
         multi_turn = bool(episodes.turns)
@@ -77,8 +79,13 @@ class Rollout:
             score_s=score_s,
             gen_tokens=sum(sum(m) for m in episodes.loss_mask),
             engine_restarts=self.pool.restarts,
-            episode_metrics=episodes.metrics(),
+            episode_metrics={**episodes.metrics(), "reward_timeouts": float(timeouts)},
         )
+
+    def advantages(self, per_func: torch.Tensor, names: list[str], num_generations: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages, combined reward) of a batch's reward columns, with the run's weights and scaling."""
+        cfg = self.cfg
+        return compute_advantages(per_func, num_generations, reward_weights(cfg, names), cfg.scale_rewards, cfg.multi_objective_aggregation)
 
     def close(self) -> None:
         self.backend.close()

@@ -18,16 +18,19 @@ from grpo_ray.rollout.batch import Episodes
 from grpo_ray.rollout.engine import split
 
 
-def score_episodes(cfg: GRPOConfig, specs: Sequence[RewardSpec], rows: list[dict], episodes: Episodes) -> tuple[torch.Tensor, list[str]]:
-    """(N, F) rewards of `specs` over the episodes (NaN where a function returned None), then one
-    column per environment-owned reward; and the column names."""
+def score_episodes(cfg: GRPOConfig, specs: Sequence[RewardSpec], rows: list[dict], episodes: Episodes) -> tuple[torch.Tensor, list[str], int]:
+    """(N, F) rewards of `specs` over the episodes (NaN where a function returned None or timed
+    out), then one column per environment-owned reward; the column names; the timed-out scores."""
     k = episodes.num_generations
     prompts = [row["prompt"] for row in rows for _ in range(k)]
     columns = {key: [row[key] for row in rows for _ in range(k)] for key in rows[0] if key != "prompt"}
-    table = torch.zeros(len(episodes), 0)
+    table, timeouts = torch.zeros(len(episodes), 0), 0
     if specs:
-        table = score_rewards(list(specs), prompts, episodes.completions, columns, cfg.cluster.reward_timeout_s, num_cpus=cfg.cluster.reward_num_cpus)
-    return with_env_columns(table, [str(s) for s in specs], episodes)
+        table, timeouts = score_rewards(
+            list(specs), prompts, episodes.completions, columns, cfg.cluster.reward_timeout_s,
+            num_cpus=cfg.cluster.reward_num_cpus, max_timeout_share=cfg.cluster.reward_timeout_max_share,
+        )  # fmt: skip
+    return (*with_env_columns(table, [str(s) for s in specs], episodes), timeouts)
 
 
 def with_env_columns(table: torch.Tensor, names: list[str], episodes: Episodes) -> tuple[torch.Tensor, list[str]]:
@@ -58,11 +61,15 @@ def score_rewards(
     timeout_s: float,
     num_chunks: int = 2,
     num_cpus: float = 0.0,
-) -> torch.Tensor:
-    """(N, F) rewards: one Ray task per (function, chunk of the batch), all at once, with a timeout.
+    max_timeout_share: float = 0.0,
+) -> tuple[torch.Tensor, int]:
+    """(N, F) rewards and how many of them timed out: one Ray task per (function, chunk of the
+    batch), all at once, with a timeout.
 
-    NaN where a function returned None. A function that raises, returns garbage or outlives
-    `timeout_s` becomes a one-line `RewardError` naming it (and the sample, where known)."""
+    NaN where a function returned None, or where its chunk outlived `timeout_s` (the task is
+    killed; TRL's handling of a None reward applies). More than `max_timeout_share` of the scores
+    timed out, or a function that raises or returns garbage, is a one-line `RewardError` naming it
+    (and the sample, where known)."""
     n = len(completions)
     chunks = [c for c in split(list(range(n)), max(1, min(num_chunks, n))) if c]
     # "DEFAULT": never inherit the caller's placement group (a trainer worker's bundle is full).
@@ -80,17 +87,21 @@ def score_rewards(
     }
     refs = list(tasks.values())
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    if pending:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        f, k = next(key for key, ref in tasks.items() if ref in pending)
+    late = [key for key, ref in tasks.items() if ref in set(pending)]
+    for key in late:
+        ray.cancel(tasks[key], force=True)
+    timeouts = sum(len(chunks[k]) for _, k in late)
+    if late and timeouts > max_timeout_share * n * len(specs):
+        f, k = late[0]
         raise RewardError(
             f"reward function {specs[f]!r} did not finish within cluster.reward_timeout_s={timeout_s:g}s "
-            f"(samples {chunks[k][0]}..{chunks[k][-1]}): make it faster or raise the timeout"
+            f"(samples {chunks[k][0]}..{chunks[k][-1]}; {timeouts} of {n * len(specs)} scores late, more than "
+            f"cluster.reward_timeout_max_share={max_timeout_share:g}): make it faster or raise the timeout"
         )
-    values = {key: _reward_result(ref) for key, ref in tasks.items()}
+    values = {key: [float("nan")] * len(chunks[key[1]]) if key in late else _reward_result(ref) for key, ref in tasks.items()}
     columns_out = [[v for k in range(len(chunks)) for v in values[(f, k)]] for f in range(len(specs))]
-    return torch.tensor(columns_out, dtype=torch.float32).T.reshape(n, len(specs))
+    table = torch.tensor(columns_out, dtype=torch.float32).T.reshape(n, len(specs))
+    return table, timeouts
 
 
 def _reward_result(ref: ray.ObjectRef) -> Any:
