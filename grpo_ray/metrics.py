@@ -95,12 +95,36 @@ class MLflowTracker:
         # the default local store keeps artifacts (log_completions tables) in OUTPUT_DIR, not ./mlruns
         local = None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlflow-artifacts").resolve().as_uri()
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name, artifact_location=local)
+        if run_id is not None and self._logged_past(run_id, resume_step):
+            run_id = self._rewound_copy(run_id, resume_step, out.name)
         if run_id is None:
             run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
             params = [Param(k, str(v)[:500]) for k, v in flatten(cfg.to_dict()).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
                 self.client.log_batch(run_id, params=params[i : i + 100])
         self.run_id = run_id
+
+    def _logged_past(self, run_id: str, step: int) -> bool:
+        run = self.client.get_run(run_id)
+        return any(m.step > step for key in run.data.metrics for m in self.client.get_metric_history(run_id, key))
+
+    def _rewound_copy(self, run_id: str, step: int, run_name: str) -> str:
+        """MLflow cannot delete logged points, and a resume re-runs the steps a crash logged after
+        its last checkpoint: continue in a new run holding the old one's params and history up to
+        `step` (tags link the two; the old run ends KILLED), so every step is logged once."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        old = self.client.get_run(run_id)
+        new_id = self.client.create_run(old.info.experiment_id, run_name=run_name, tags={"grpo_ray.resumed_from": run_id}).info.run_id
+        params = [Param(k, v) for k, v in old.data.params.items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(new_id, params=params[i : i + 100])
+        points = [Metric(key, m.value, m.timestamp, m.step) for key in old.data.metrics for m in self.client.get_metric_history(run_id, key) if m.step <= step]
+        for i in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.client.log_batch(new_id, metrics=points[i : i + 1000])
+        self.client.log_batch(run_id, tags=[RunTag("grpo_ray.superseded_by", new_id)])
+        self.client.set_terminated(run_id, status="KILLED")
+        return new_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

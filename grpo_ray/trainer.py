@@ -231,6 +231,9 @@ class Policy:
                     self.engine.step()
                 stats.append({"loss": float(loss.detach()), **m})
         out = _mean_dicts(stats)
+        if mismatch:
+            out["logprob_mismatch"] = float(np.mean(mismatch))
+        out = mean_over_ranks(out)  # the whole batch's metrics, not rank 0's shard (TRL: gather, nanmean)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
@@ -240,8 +243,6 @@ class Policy:
         # catches what reaches the torch optimizer (ZeRO 0, 3).
         out["skipped_updates"] = float(self.guard.skipped + self.engine.skipped_steps - skipped_before)
         self.guard.end_step(bad=out["skipped_updates"] > 0, lr=lr)
-        if mismatch:
-            out["logprob_mismatch"] = float(np.mean(mismatch))
         return out
 
     def full_weights(self, named: list[tuple[str, torch.nn.Parameter]]) -> Iterator[torch.Tensor]:
@@ -338,6 +339,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def _masked_abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float(((a - b).abs() * mask).sum() / mask.sum().clamp(min=1))
+
+
+def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    """Each metric's mean over the trainer ranks that have it (NaN ignored), on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return stats
+    everyone: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, sorted(stats))  # a key one rank lacks must not shift the others
+    keys = sorted({k for ks in everyone for k in ks})
+    values = torch.tensor([stats.get(k, float("nan")) for k in keys], dtype=torch.float64)
+    present = ~torch.isnan(values)
+    both = torch.stack([torch.where(present, values, 0.0), present.double()])
+    dist.all_reduce(both)
+    return {k: float(both[0, i] / both[1, i]) if both[1, i] > 0 else float("nan") for i, k in enumerate(keys)}
 
 
 def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -49,18 +49,30 @@ def test_every_tracker_logs_each_step_once_and_resume_continues_the_same_runs(tm
     check_trackers(cfg)
     first = log_steps(out, cfg, range(1, 4))  # a run that crashed after step 3 (checkpoint at 2)
     second = log_steps(out, cfg, range(3, 5), resume_step=2)
-    assert set(first) == {"mlflow", "wandb"} and first == second  # the same MLflow and W&B runs continue
+    assert set(first) == {"mlflow", "wandb"} and first["wandb"] == second["wandb"]  # the same W&B run continues
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
+    # MLflow cannot drop step 3 of the crashed process: the resume continues in a new run with
+    # steps 1-2 copied, so each step is there once (counted, not deduplicated)
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    history = client.get_metric_history(first["mlflow"], "rewards/accuracy")
-    assert sorted({m.step for m in history}) == [1, 2, 3, 4]
-    run = client.get_run(first["mlflow"])
+    assert second["mlflow"] != first["mlflow"]
+    for key in ("rewards/accuracy", "reward_mean", "loss"):
+        assert sorted(m.step for m in client.get_metric_history(second["mlflow"], key)) == [1, 2, 3, 4], key
+    assert [m.value for m in sorted(client.get_metric_history(second["mlflow"], "reward_mean"), key=lambda m: m.step)] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    run = client.get_run(second["mlflow"])
     assert run.data.params["learning_rate"] == "3e-06" and run.data.params["cluster.zero_stage"] == "3"
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["grpo_ray.resumed_from"] == first["mlflow"]
+    old = client.get_run(first["mlflow"])
+    assert old.info.status == "KILLED" and old.data.tags["grpo_ray.superseded_by"] == second["mlflow"]
+    # the control: the crashed run itself holds step 3 and stops there
+    assert sorted(m.step for m in client.get_metric_history(first["mlflow"], "reward_mean")) == [1, 2, 3]
+    # a resume from the last logged step (nothing to re-run) continues the same run
+    third = log_steps(out, cfg.with_overrides({"max_steps": 6}), range(5, 7), resume_step=4)
+    assert third["mlflow"] == second["mlflow"]
+    assert sorted(m.step for m in client.get_metric_history(second["mlflow"], "reward_mean")) == [1, 2, 3, 4, 5, 6]
     wandb_runs = list((out / "wandb").glob(f"offline-run-*-{first['wandb']}"))
-    assert len(wandb_runs) == 2  # one W&B run id, written by the first and the resumed process
+    assert len(wandb_runs) == 3  # one W&B run id, written by the first, the resumed and the extended process
 
     # Secrets are read from the environment by the trackers themselves and written nowhere.
     for path in out.rglob("*"):
