@@ -21,7 +21,7 @@ from grpo_ray.config import GRPOConfig, merge, parse_override
 from grpo_ray.logs import log_dir, new_command, stop_terminal_output
 from grpo_ray.tuning import SCHEDULERS, SEARCHERS, run_cli
 
-USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ToolError", "ModelError", "RunDirError", "TrainingDivergedError", "ClusterError")
+USER_ERRORS = ("ConfigError", "DataError", "RewardError", "ToolError", "ModelError", "RunDirError", "TrainingDivergedError", "ClusterError", "WeightSyncError")
 _USER_ERROR_LINE = re.compile(rf"({'|'.join(USER_ERRORS)}): (.+)")
 
 

@@ -203,6 +203,9 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     # grpo-ray: an update whose loss or gradient is NaN/inf is skipped; this many in a row stop the run
     max_bad_steps: int = 3
+    # grpo-ray: a step whose batch vLLM sampled this far (mean nats/token) from the trainer's own
+    # log-probabilities stops the run (weights that did not reach the engines); None: never
+    max_logprob_mismatch: float | None = 0.5
     gradient_checkpointing: bool = True
     # grpo-ray: the update runs each prompt once for several of its completions (exact; README
     # "Performance"); false pads one row per (prompt, completion) pair, as TRL does
@@ -640,6 +643,10 @@ def _validate(c: GRPOConfig) -> None:
     _require(
         c.dynamic_sampling_max_rounds >= 1,
         f"dynamic_sampling_max_rounds={c.dynamic_sampling_max_rounds}: sampling rounds per step, at least 1 (1 samples once and keeps every group); try 3",
+    )
+    _require(
+        c.max_logprob_mismatch is None or c.max_logprob_mismatch > 0,
+        f"max_logprob_mismatch={c.max_logprob_mismatch}: a positive number of nats per token (fp32 runs sit near 1e-6), or null to never stop",
     )
     _require(c.num_generations >= 2, f"num_generations={c.num_generations}: GRPO needs at least 2 completions per prompt to compare; set num_generations >= 2")
     _require(c.beta >= 0, f"beta={c.beta}: the KL coefficient cannot be negative; use 0 (no KL) or a positive value such as 0.001")

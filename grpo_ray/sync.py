@@ -32,6 +32,25 @@ import torch.distributed as dist
 from grpo_ray.config import TRANSPORTS, WEIGHT_SYNC
 
 
+class WeightSyncError(RuntimeError):
+    """The engines do not sample with the trainer's weights (seen in logprob_mismatch)."""
+
+
+def check_logprob_mismatch(mismatch: float | None, limit: float | None, step: int) -> None:
+    """Stop instead of training on a batch sampled by other weights than the trainer's.
+
+    Only meaningful where the batch was sampled by the weights the trainer holds (staleness 0,
+    or against the old-policy logps): the caller decides that."""
+    if limit is None or mismatch is None or not mismatch > limit:
+        return
+    raise WeightSyncError(
+        f"step {step}: vLLM sampled the batch with log-probabilities {mismatch:.3g} nats/token away from the trainer's "
+        f"(max_logprob_mismatch={limit:g}), so the engines do not hold the trainer's weights. Probable causes: a weight sync "
+        "that did not reach the engines (a parameter name vLLM maps differently, cluster.weight_sync), engines and trainer in "
+        "different precision (bf16 / fp32), or a different tokenizer; set max_logprob_mismatch: null to train anyway"
+    )
+
+
 @dataclass(frozen=True)
 class TensorMeta:
     """What a receiver must allocate before a broadcast: crosses the Ray boundary."""

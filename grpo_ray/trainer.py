@@ -435,6 +435,8 @@ def grpo_step(w: Worker, step: int) -> dict[str, float]:
     tokens = max(1.0, float(batch.trained_tokens(w.cfg.mask_truncated_completions)))
     with w.queue.weights_lock if w.queue is not None else nullcontext():
         stats = w.policy.update(batch.shard(w.rank, w.world), tokens)  # loss, backward, optimizer step
+    if staleness == 0:  # async batches were sampled a step back: their mismatch includes that update
+        sync.check_logprob_mismatch(stats.get("logprob_mismatch"), w.cfg.max_logprob_mismatch, step)  # same value on every rank
     t2 = time.perf_counter()
     overlap_wait_s = w.queue.drain() if w.queue is not None else 0.0  # async: the next rollout returns first
     sync_s = w.pusher.push()  # new weights -> vLLM engines
@@ -483,7 +485,7 @@ def record_placement(lc: LoopConfig, world: int) -> None:
 
 FATAL_FILE = "fatal_error.txt"
 # Errors that a restart from the last checkpoint would only repeat (same data, same seeds).
-FATAL_ERRORS = (RewardError, DataError, TrainingDivergedError)
+FATAL_ERRORS = (RewardError, DataError, TrainingDivergedError, sync.WeightSyncError)
 
 
 def run_worker(loop: dict) -> None:

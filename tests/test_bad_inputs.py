@@ -158,6 +158,9 @@ CASES: dict[str, Case] = {
     "reward-strings": Case([*QUICK, "--set", "reward_funcs=[{tmp}/r.py:strings]"], "returned str 'good' at index 0", {"r.py": REWARDS}, max_s=SLOW_S),
     "reward-all-none": Case([*QUICK, "--set", "reward_funcs=[{tmp}/r.py:all_none]"], "returned None for all 32 completions", {"r.py": REWARDS}, max_s=SLOW_S),
     "reward-timeout": Case([*QUICK, "--set", "reward_funcs=[{tmp}/r.py:sleeps]", "--set", "cluster.reward_timeout_s=3"], "did not finish within cluster.reward_timeout_s=3s", {"r.py": REWARDS}, max_s=SLOW_S),
+    # the engines' sampling logprobs checked against the trainer's every step (fp32: ~1e-6, so 1e-12 must stop it)
+    "logprob-mismatch": Case([*QUICK, "--set", "max_logprob_mismatch=1e-12"], "(max_logprob_mismatch=1e-12), so the engines do not hold the trainer's weights", max_s=SLOW_S),
+    "logprob-mismatch-zero": Case([*QUICK, "--set", "max_logprob_mismatch=0"], "max_logprob_mismatch=0.0: a positive number"),
     # tools and environments (multi-turn): loaded once in a Ray worker before OUTPUT_DIR is written
     "tool-missing-file": Case([*QUICK, "--set", "tools=[{tmp}/nope.py:f]"], "tool '", max_s=90),
     "tool-no-docstring": Case([*QUICK, "--set", "tools=[{tmp}/t.py:undocumented]"], "tool 'undocumented': no JSON schema", {"t.py": TOOLS}, max_s=90),

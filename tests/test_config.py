@@ -74,6 +74,7 @@ NOT_IN_TRL = {
     "eval_limit",
     "async_generation",  # overlap generation with the update (TRL 1.16 has no async GRPOConfig)
     "max_staleness",
+    "max_logprob_mismatch",  # the engines sampled from other weights than the trainer's: stop
     "max_bad_steps",  # NaN/inf updates skipped; this many in a row stop the run
     "all_none_rewards",  # a step where every reward function returns None for every sample: error (default) or warn
     "dynamic_sampling", "dynamic_sampling_max_rounds",  # DAPO: drop zero-variance groups, sample more prompts
