@@ -244,9 +244,12 @@ class WeightSender:
         self.full_weights = full_weights or (lambda named: plain_weights(named, dtype))
         self.device = device if (transport == "nccl" and device is not None) else torch.device("cpu")
         self.group: SyncGroup | None = None
-        # ZeRO-3 on several ranks gathers every tensor collectively: rank 0 cannot resend alone.
+        # ZeRO-3 on several ranks gathers every tensor collectively: rank 0 cannot gather alone, so
+        # it keeps the last full weights it sent in the object store (one copy, sync dtype) and
+        # re-syncs a restarted engine from there.
         partitioned = any(hasattr(p, "ds_shape") for _, p in self.named)
         self.collective = partitioned and dist.is_initialized() and dist.get_world_size() > 1
+        self.kept: list[ray.ObjectRef] | None = None
         # push() (training thread) and resync() (asked for by a generation after an engine restart,
         # possibly from a rollout thread) must not interleave broadcasts on one group.
         self.lock = threading.RLock()
@@ -268,23 +271,24 @@ class WeightSender:
             try:
                 self._push()
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, RuntimeError) as exc:
-                if self.rank != 0 or self.collective:
+                if self.rank != 0 or (self.collective and self.kept is None):
                     raise
                 print(f"[grpo-ray] weight sync failed ({type(exc).__name__}); waiting for the engines and sending again")
                 self.resync()
         return time.perf_counter() - t0
 
     def resync(self) -> None:
-        """Rank 0, after an engine restart: wait until every engine is up, rebuild the group, push."""
-        if self.collective:
-            raise RuntimeError(
-                "a rollout engine restarted, and under ZeRO-3 with several trainer workers its weights "
-                "need every rank: set cluster.max_failures >= 1 to restart from the last checkpoint"
-            )
+        """Rank 0, after an engine restart: wait until every engine is up, rebuild the group, push
+        (ZeRO-3 on several ranks: the copy kept from the last push, without the other ranks)."""
         with self.lock:
             wait_until_up(self.engines)
             self.group = None
-            self._push()
+            if not self.collective:
+                self._push()
+                return
+            if self.kept is None:
+                raise RuntimeError("a rollout engine restarted before the first complete weight push: no weights to re-sync it from")
+            ray.get([e.load_weights.remote(self.metas, self.kept) for e in self.engines])
 
     def _push(self) -> None:
         tensors = self.full_weights(self.named)
@@ -292,8 +296,12 @@ class WeightSender:
             for _ in tensors:  # take part in the ZeRO-3 gathers
                 pass
             return
+        if self.collective:  # gather it all first (the other ranks take part), keep it, send from the copy
+            self.kept = None
+            self.kept = [ray.put(to_shared(flat)) for flat in flat_buckets(tensors, self.metas, torch.device("cpu"))]
+            tensors = (t for _, t in from_shared(ray.get(self.kept), self.metas))
         if self.transport == "object_store":
-            refs = [ray.put(to_shared(flat)) for flat in flat_buckets(tensors, self.metas, torch.device("cpu"))]
+            refs = self.kept if self.collective else [ray.put(to_shared(flat)) for flat in flat_buckets(tensors, self.metas, torch.device("cpu"))]
             ray.get([e.load_weights.remote(self.metas, refs) for e in self.engines])
         else:
             if self.group is None:

@@ -264,8 +264,11 @@ def train_and_kill(cfg, step: int, title: str):
 
 
 @pytest.mark.slow
-def test_rollout_engine_killed_mid_run_is_replaced_and_resynced(tmp_path, tiny_model_path) -> None:
-    cfg = quick_config(tmp_path, max_steps=6, save_steps=6)
+@pytest.mark.parametrize("layout", [{}, {"num_trainer_workers": 2, "zero_stage": 3}], ids=["1-worker", "zero3-x2"])
+def test_rollout_engine_killed_mid_run_is_replaced_and_resynced(tmp_path, tiny_model_path, layout) -> None:
+    """Under ZeRO-3 with 2 workers only rank 0 is free when the engine comes back (the others wait
+    for the batch), so it re-syncs from the copy of the last push it keeps."""
+    cfg = quick_config(tmp_path, max_steps=6, save_steps=6, cluster=layout)
     t0 = time.perf_counter()
     result, killer = train_and_kill(cfg, step=2, title="RolloutEngine")
     rows = read_metrics(cfg.output_dir)
