@@ -546,7 +546,8 @@ def train_loop_per_worker(loop: dict) -> None:
     # whatever checkpoint (or none) this attempt starts from. Give them this attempt's policy.
     w.pusher.push()
     if rank == 0:
-        w.queue = RolloutQueue(w.rollout, w.sampler, cfg.staleness, cfg.max_steps, start)
+        rounds = cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 0
+        w.queue = RolloutQueue(w.rollout, w.sampler, cfg.staleness, cfg.max_steps, start, dynamic_rounds=rounds)
         lc.pool.on_restart = w.queue.guarded(pusher.resync)  # a restarted engine gets the current weights
     bar = progress_bar(cfg, start) if rank == 0 else None
     eval_every = cfg.resolved_eval_steps

@@ -170,6 +170,7 @@ CASES: dict[str, Case] = {
     "tool-iterations-without-tools": Case([*QUICK, "--set", "max_tool_calling_iterations=2"], "max_tool_calling_iterations is set but the run has no tools"),
 }
 SLOW = {name for name, case in CASES.items() if case.max_s > PROCESS_S}
+UNRUN = {"logprob-mismatch"}  # not yet run (tests/conftest.py OPT_IN)
 for _name in SLOW:
     CASES[_name].process = True
 
@@ -225,7 +226,7 @@ def run_main(argv: list[str], capfd) -> tuple[int, str, str, float]:
     return code, captured.out, captured.err, seconds
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow, *([pytest.mark.unrun] if n in UNRUN else [])]) if n in SLOW else n for n in CASES])
 def test_bad_input(name, tmp_path, silent_port, capfd, monkeypatch, request):
     case = CASES[name]
     if "--quick" in case.argv:

@@ -131,6 +131,7 @@ def _weights(out) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.unrun
 def test_dynamic_sampling_run_trains_on_informative_groups_and_resumes_exactly(tmp_path, tiny_model_path):
     """Real Ray + vLLM + DeepSpeed, 2 trainer workers, async generation: every trained group
     carries a gradient, the refill rounds happen, and a resume (mid-run, with a rollout in

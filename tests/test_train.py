@@ -154,6 +154,7 @@ def assert_same_state(a, b, atol: float = 1e-6) -> None:
     assert sa["last_epoch"] == sb["last_epoch"] and sa["_last_lr"] == pytest.approx(sb["_last_lr"])
 
 
+@pytest.mark.unrun
 def test_resume_continues_with_the_same_weights_optimizer_and_schedule(tmp_path, tiny_model_path):
     """A run stopped after step 2 and resumed ends with the straight run's weights, Adam moments
     and LR schedule (a warm-up over 3 steps, so a scheduler restarted or replayed twice is
@@ -208,6 +209,28 @@ def test_single_worker_zero0_skips_the_allreduce_and_matches_zero2(tmp_path, tin
         runs[stage] = {r["step"]: r["loss"] for r in read_metrics(cfg.output_dir)}
     assert sum(abs(v) > 1e-6 for v in runs[0].values()) >= 2, f"too few steps with a gradient to compare: {runs[0]}"
     assert runs[2] == pytest.approx(runs[0], abs=1e-4)
+
+
+TIMING_KEYS = {"time", "gen_tokens_per_s"}  # and every key ending in _s: wall-clock seconds
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.endswith("_s")} for r in rows]
+
+
+@pytest.mark.unrun
+def test_same_seed_gives_the_same_run_bit_for_bit(tmp_path, tiny_model_path):
+    """Same seed, config and machine: every metric value (timings aside) and every final weight
+    identical, bit for bit; another seed gives another run (the control)."""
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        cfg = quick_config(tmp_path / name, max_steps=3, save_steps=3, seed=seed)
+        train(cfg)
+        runs[name] = (comparable(read_metrics(cfg.output_dir)), checkpoint_state(cfg.output_dir)[0])
+    (rows_a, w_a), (rows_b, w_b), (rows_c, w_c) = runs["a"], runs["b"], runs["c"]
+    assert len(rows_a) == 3 and rows_a == rows_b
+    assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    assert rows_c != rows_a and not all(torch.equal(w_a[k], w_c[k]) for k in w_a)
 
 
 def test_two_node_run_places_engines_and_trainers_apart(tmp_path, tiny_model_path, two_node_cluster):

@@ -40,8 +40,9 @@ class RolloutQueue:
     submitted after the push returned: generate(t+1) < push(w_t) < generate(t+2), always.
     Generation runs on one background thread (the Ray calls block in C++, without the GIL)."""
 
-    def __init__(self, rollout: Rollout, sampler: PromptSampler, staleness: int, max_steps: int, start: int = 0) -> None:
+    def __init__(self, rollout: Rollout, sampler: PromptSampler, staleness: int, max_steps: int, start: int = 0, dynamic_rounds: int = 0) -> None:
         self.rollout, self.sampler = rollout, sampler
+        self.dynamic_rounds = dynamic_rounds  # > 0: dynamic sampling, at most this many rounds a step
         self.staleness, self.max_steps = staleness, max_steps
         self.submitted = start  # the last step whose rollout was submitted
         self.inflight: deque[InFlight] = deque()
@@ -79,9 +80,8 @@ class RolloutQueue:
         """Runs on the rollout thread, so rows are drawn in step order even when dynamic sampling
         draws more of them after seeing the rewards."""
         item.sampler_state = self.sampler.state_dict()
-        cfg = self.rollout.cfg
-        if cfg.dynamic_sampling:
-            return sample_informative(self.rollout, self.sampler.next_batch, item.step, cfg.dynamic_sampling_max_rounds)
+        if self.dynamic_rounds:
+            return sample_informative(self.rollout, self.sampler.next_batch, item.step, self.dynamic_rounds)
         return self.rollout.generate_and_score(self.sampler.next_batch(), item.step)
 
     def drain(self) -> float:
