@@ -36,7 +36,7 @@ def sample_informative(rollout: Rollout, draw: Callable[[], list[dict]], step: i
         if len(kept) >= needed:
             break
     sampled = sum(b.groups() for b in rounds)
-    filtered = sampled - sum(1 for _ in kept)
+    filtered = sampled - len(kept)
     padded = max(0, needed - len(kept))
     picks = sorted(kept[:needed] + spare[:padded])  # sampling order: the batch reads as it was sampled
     parts = [rounds[r].select_groups([g for rr, g in picks if rr == r]) for r in range(len(rounds))]

@@ -87,7 +87,8 @@ def score_rewards(
     }
     refs = list(tasks.values())
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    late = [key for key, ref in tasks.items() if ref in set(pending)]
+    pending_set = set(pending)
+    late = [key for key, ref in tasks.items() if ref in pending_set]
     for key in late:
         ray.cancel(tasks[key], force=True)
     timeouts = sum(len(chunks[k]) for _, k in late)
