@@ -236,10 +236,10 @@ def train(
             datasets=datasets, reward_specs=reward_specs, tool_specs=tool_specs, env_spec=env_spec,
         )  # fmt: skip
         result = make_trainer(cfg, loop, out, callbacks).fit()
+        if result.error is not None:
+            raise pool.start_error() or result.error  # an engine that never started is the cause
     finally:
         pool.shutdown()
-    if result.error is not None:
-        raise result.error
     rows = read_metrics(out)
     curve = plot_reward_curve(out)
     ckpt = latest_checkpoint(out)

@@ -19,11 +19,14 @@ still exists, so a Ray upgrade that moves one fails there, loudly, rather than m
     Trainable._storage.trial_fs_path               a class trainable's trial dir in the study's storage
                                                    (Tune's public `get_context()` serves function trainables)
     ray.init(_node_ip_address=, _system_config=    the embedded Ray (embedded_init_kwargs, for
-      {"idle_worker_killing_time_threshold_ms"})   driver.init_ray): bind to loopback where Ray
-                                                   allows it; keep idle reward workers alive
+      {"idle_worker_killing_time_threshold_ms",    driver.init_ray): bind to loopback where Ray
+       "enable_metrics_collection"})               allows it; keep idle reward workers alive; no
+                                                   unauthenticated Prometheus endpoint on 0.0.0.0
     ray._private.worker.                           where log_to_driver's worker lines go (grpo_ray/logs.py
       global_worker_stdstream_dispatcher           sends them to OUTPUT_DIR/logs, only ours to the terminal)
     ray._private.worker (its module logger)        ray.init's routine start notices (logs.quiet_ray_init)
+    AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT  the two Prometheus ports a head serves with no off
+                                                   switch (README "what listens where"; tested)
     TorchTrainer._register_sigint_handler          Ctrl-C: Ray Train exits 1 with no message from inside
                                                    its handler; ours aborts the same way, then raises
                                                    KeyboardInterrupt so the CLI exits 130 and says so
@@ -43,6 +46,7 @@ from ray.train.torch import TorchTrainer
 
 PG_CLEANER_CALLBACK = "PlacementGroupCleanerCallback"
 IDLE_WORKER_KILLING_KEY = "idle_worker_killing_time_threshold_ms"  # a Ray `_system_config` key (driver.init_ray)
+METRICS_COLLECTION_KEY = "enable_metrics_collection"  # another
 INIT_PRIVATE_KWARGS = ("_node_ip_address", "_system_config")  # ray.init arguments driver.init_ray passes
 TOKEN_SETUP_MODULE = "ray._private.authentication.authentication_token_setup"
 RAY_WORKER_LOGGER = "ray._private.worker"  # logs ray.init's start notices
@@ -51,8 +55,22 @@ RAY_PRINTER = "ray_print_logs"  # the name Ray gives its log_to_driver handler
 
 def embedded_init_kwargs(idle_worker_killing_ms: int) -> dict[str, Any]:
     """`ray.init`'s private arguments for the embedded Ray (driver.init_ray): bind to loopback where
-    Ray allows it, and kill idle workers only after `idle_worker_killing_ms` (Ray's default: 1 s)."""
-    return {"_node_ip_address": "127.0.0.1", "_system_config": {IDLE_WORKER_KILLING_KEY: idle_worker_killing_ms}}
+    Ray allows it, kill idle workers only after `idle_worker_killing_ms` (Ray's default: 1 s), and
+    no metrics collection: with it, each node's agent serves Prometheus metrics over HTTP on
+    0.0.0.0 with no authentication, for a dashboard the embedded Ray does not run."""
+    return {
+        "_node_ip_address": "127.0.0.1",
+        "_system_config": {IDLE_WORKER_KILLING_KEY: idle_worker_killing_ms, METRICS_COLLECTION_KEY: False},
+    }
+
+
+def unswitchable_metrics_ports() -> dict[int, str]:
+    """The Prometheus endpoints a Ray 2.60 head serves over plain HTTP on 0.0.0.0 with no switch
+    to turn them off (metrics collection off removes the per-node one): {port: whose}."""
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
+    return {AUTOSCALER_METRIC_PORT: "autoscaler monitor", DASHBOARD_METRIC_PORT: "dashboard process (its own request counters)"}
 
 
 def dashboard_running() -> bool:

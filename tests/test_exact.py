@@ -30,7 +30,7 @@ from grpo_ray.config import GRPOConfig
 from grpo_ray.rollout import RolloutBatch
 from tests.conftest import quick_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.unrun]
+pytestmark = pytest.mark.slow
 
 N, G, MICRO = 8, 4, 2  # samples, group size, samples per micro-batch (4 micro-batches in all)
 LR = 0.5

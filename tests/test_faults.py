@@ -264,16 +264,18 @@ def train_and_kill(cfg, step: int, title: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [{}, pytest.param({"num_trainer_workers": 2, "zero_stage": 3}, marks=pytest.mark.unrun)], ids=["1-worker", "zero3-x2"])
+@pytest.mark.parametrize("layout", [{}, {"num_trainer_workers": 2, "zero_stage": 3}], ids=["1-worker", "zero3-x2"])
 def test_rollout_engine_killed_mid_run_is_replaced_and_resynced(tmp_path, tiny_model_path, layout) -> None:
     """Under ZeRO-3 with 2 workers only rank 0 is free when the engine comes back (the others wait
-    for the batch), so it re-syncs from the copy of the last push it keeps."""
-    cfg = quick_config(tmp_path, max_steps=6, save_steps=6, cluster=layout)
+    for the batch), so it re-syncs from the copy of the last push it keeps. That layout also runs
+    with beta > 0: the reference model partitioned beside the policy."""
+    cfg = quick_config(tmp_path, max_steps=6, save_steps=6, cluster=layout, beta=0.04 if layout else 0.0)
     t0 = time.perf_counter()
     result, killer = train_and_kill(cfg, step=2, title="RolloutEngine")
     rows = read_metrics(cfg.output_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and result.steps == 6
     assert rows[-1]["engine_restarts"] >= 1
+    assert not layout or any(r["kl"] > 0 for r in rows[1:])
     # Every step sampled from exactly the trainer's weights, the restarted engine's included.
     assert all(r["logprob_mismatch"] < 1e-3 for r in rows), [r["logprob_mismatch"] for r in rows]
     print(f"engine kill run: {time.perf_counter() - t0:.1f}s; restarts {rows[-1]['engine_restarts']}")
@@ -341,26 +343,72 @@ def test_secrets_have_no_config_field_and_never_reach_run_config(tmp_path, monke
     assert SECRET not in (tmp_path / "run_config.yaml").read_text()
 
 
+def listening_ports() -> set[int]:
+    """TCP ports this process and its children (the embedded Ray's processes) listen on."""
+    ports = set()
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            ports |= {c.laddr.port for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    return ports
+
+
+def answers_http_without_a_token(port: int) -> bool:
+    """Whether a plain HTTP GET with no credentials gets a 2xx (gRPC and 401s do not)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+    try:
+        conn.request("GET", "/")
+        return 200 <= conn.getresponse().status < 300
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 @pytest.mark.slow
 def test_embedded_ray_has_no_dashboard_and_refuses_clients_without_its_token(tmp_path) -> None:
-    """The embedded Ray serves no dashboard (no HTTP API to submit jobs). Ray 2.60 resolves
-    `_node_ip_address="127.0.0.1"` to the machine's address and its gRPC servers listen on every
-    interface, so what keeps others out is Ray's token authentication: a client with another
+    """The embedded Ray serves no dashboard (no HTTP API to submit jobs) and no metrics export
+    (Ray's Prometheus endpoint listens on 0.0.0.0 without authentication unless metrics
+    collection is off). Ray 2.60 resolves `_node_ip_address="127.0.0.1"` to the machine's
+    address and its gRPC servers listen on every interface, so what keeps others out is Ray's
+    token authentication: no listener answers HTTP without the token, a client with another
     token is refused; the token file is readable by its owner only."""
+    import http.server
+
     import ray
 
     from grpo_ray.driver import init_ray
+    from grpo_ray.ray_compat import unswitchable_metrics_ports
 
     ray.shutdown()
     init_ray(quick_config(tmp_path))
     try:
-        listening = set()
-        for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-            try:
-                listening |= {c.laddr.port for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-            except psutil.Error:
-                continue
+        time.sleep(3)  # the per-node agents bind their servers after ray.init returns
+        listening = listening_ports()
         assert listening and 8265 not in listening
+        open_ports = {p for p in listening if answers_http_without_a_token(p)}
+        # only the two Prometheus endpoints Ray 2.60 cannot turn off (read-only counters); the
+        # per-node metrics export (workers, resources, every node) is gone with metrics collection
+        assert open_ports <= set(unswitchable_metrics_ports()), open_ports
+        # the control: an open HTTP server in this process tree is found by the same check
+        class Open(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Open)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            assert {p for p in listening_ports() if answers_http_without_a_token(p)} - open_ports == {server.server_address[1]}
+        finally:
+            server.shutdown()
+            server.server_close()
         assert os.environ.get("RAY_AUTH_MODE") == "token"
         token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
         assert token_file.stat().st_mode & 0o077 == 0

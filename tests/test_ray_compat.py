@@ -67,7 +67,8 @@ def test_embedded_ray_init_hooks():
     for name in ray_compat.INIT_PRIVATE_KWARGS:
         assert f'kwargs.pop("{name}"' in source, f"ray.init no longer takes {name}"
     raylet = Path(importlib.import_module("ray._raylet").__file__).read_bytes()
-    assert ray_compat.IDLE_WORKER_KILLING_KEY.encode() in raylet, f"Ray's system config lost {ray_compat.IDLE_WORKER_KILLING_KEY}"
+    for key in (ray_compat.IDLE_WORKER_KILLING_KEY, ray_compat.METRICS_COLLECTION_KEY):
+        assert key.encode() in raylet, f"Ray's system config lost {key}"
 
 
 def test_embedded_ray_gets_the_private_init_arguments_through_the_adapter(monkeypatch, tmp_path):
@@ -86,7 +87,7 @@ def test_embedded_ray_gets_the_private_init_arguments_through_the_adapter(monkey
     monkeypatch.setattr(driver, "route_worker_output", lambda: None)
     driver.init_ray(GRPOConfig())
     assert seen["_node_ip_address"] == "127.0.0.1"
-    assert seen["_system_config"] == {ray_compat.IDLE_WORKER_KILLING_KEY: 300_000}
+    assert seen["_system_config"] == {ray_compat.IDLE_WORKER_KILLING_KEY: 300_000, ray_compat.METRICS_COLLECTION_KEY: False}
     assert seen["include_dashboard"] is False and seen["log_to_driver"] is True
 
 
@@ -133,6 +134,10 @@ def test_no_other_module_reaches_into_private_ray():
     assert offenders == [], offenders
 
 
-@pytest.mark.parametrize("name", ["GRPOTorchTrainer", "embedded_init_kwargs", "enable_job_token_auth", "autoscaler_max_resources", "trial_dir", "swap_log_to_driver_handler"])
+def test_unswitchable_metrics_ports_hook():
+    assert set(ray_compat.unswitchable_metrics_ports()) == {44217, 44227}  # Ray 2.60's defaults
+
+
+@pytest.mark.parametrize("name", ["GRPOTorchTrainer", "embedded_init_kwargs", "enable_job_token_auth", "autoscaler_max_resources", "trial_dir", "swap_log_to_driver_handler", "unswitchable_metrics_ports"])
 def test_every_hook_is_exported(name):
     assert callable(getattr(ray_compat, name))

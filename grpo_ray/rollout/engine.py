@@ -247,7 +247,27 @@ class RolloutPool:
         # Called (rank 0) after an engine came back with the base model: send it the current weights.
         self.on_restart: Callable[[], None] | None = None
         self.engines = [self._start(i) for i in range(cl.num_rollout_actors)]
-        self.incarnations = ray.get([e.incarnation_id.remote() for e in self.engines])
+        # Not waited for here: the engines load while Ray Train starts its workers and DeepSpeed
+        # (each on its own CPUs); the first call that needs an engine waits for it.
+        self._starting = [e.incarnation_id.remote() for e in self.engines]
+        self._incarnations: list[str] | None = None
+
+    @property
+    def incarnations(self) -> list[str]:
+        """Each engine's instance id as of the last weight push (a changed one: restarted by Ray)."""
+        if self._incarnations is None:
+            self._incarnations = ray.get(self._starting)
+        return self._incarnations
+
+    def start_error(self, timeout_s: float = 10.0) -> Exception | None:
+        """Why an engine failed to start, if it did: the cause of whatever error the trainer saw next."""
+        try:
+            ray.get(self._starting, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - an engine's constructor raised (or its process died)
+            return exc
+        return None
 
     def _start(self, index: int) -> Any:
         actor = ray.remote(RolloutEngine).options(
@@ -286,7 +306,7 @@ class RolloutPool:
         sync.wait_until_up(self.engines)
         if self.on_restart is not None:
             self.on_restart()
-        self.incarnations = ray.get([e.incarnation_id.remote() for e in self.engines])
+        self._incarnations = ray.get([e.incarnation_id.remote() for e in self.engines])
         self.restarts += 1
         print(f"[grpo-ray] a rollout engine died ({type(exc).__name__}); restarted and re-synced in {time.perf_counter() - t0:.1f}s")
 
