@@ -88,9 +88,24 @@ def check_model_folder(path: Path, name: str) -> None:
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise ModelError(f"{where}: {len(missing)} of {len(shards)} weight shards named in {index.name} are missing ({', '.join(missing[:3])}); copy the whole folder")
+            _check_safetensors([path / s for s in shards if s.endswith(".safetensors")], where)
             return
     if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
         raise ModelError(f"{where}: folder has no weights (*.safetensors or pytorch_model.bin); {fix}")
+    _check_safetensors(sorted(path.glob("*.safetensors")), where)
+
+
+def _check_safetensors(files: list[Path], where: str) -> None:
+    """Each file's header parses and its tensors cover the file (a truncated copy does not): the
+    header only, no tensor is read."""
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type (and OSError)
+            raise ModelError(f"{where}: {file.name} is not a complete safetensors file ({exc}); copy it again (an interrupted download or copy?)") from None
 
 
 @contextlib.contextmanager

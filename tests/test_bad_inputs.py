@@ -78,7 +78,8 @@ SLOW_S = 240.0  # Ray, a vLLM engine and a trainer worker start before step 1 fa
 @dataclass
 class Case:
     """`argv` after `grpo-ray`; placeholders: {tmp} (a fresh folder, the cwd), {out} (OUTPUT_DIR),
-    {port} (a closed port), {silent} (a port where something listens that is not Ray)."""
+    {port} (a closed port), {silent} (a port where something listens that is not Ray), {http} (a
+    web server that is not Ray's)."""
 
     argv: list[str]
     expected: str  # a substring of the error line
@@ -86,6 +87,7 @@ class Case:
     setup: Callable[[Path], None] | None = None
     max_s: float = FAST_S
     process: bool = False  # run in a fresh `python -m grpo_ray.cli` (else main() in this process)
+    twice: bool = False  # run it again: the same line (what the first left behind refuses nothing)
 
 
 def _model_without(name: str) -> Callable[[Path], None]:
@@ -95,6 +97,13 @@ def _model_without(name: str) -> Callable[[Path], None]:
         shutil.copytree(resolve_model_path("tiny-arith"), tmp / "model", ignore=shutil.ignore_patterns(name))
 
     return setup
+
+
+def _model_truncated(tmp: Path) -> None:
+    """A copy of the tiny model whose weights file was cut in half (an interrupted copy)."""
+    _model_without("nothing")(tmp)
+    weights = tmp / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
 def _recorded_run(tmp: Path) -> None:
@@ -121,6 +130,9 @@ CASES: dict[str, Case] = {
     "address-not-ray": Case([*QUICK, "--address", "127.0.0.1:{silent}", "--set", "cluster.connect_timeout_s=2"], "no Ray (gRPC) server answered within cluster.connect_timeout_s=2s", process=True, max_s=PROCESS_S),
     "address-ray-client-not-ray": Case([*QUICK, "--address", "ray://127.0.0.1:{silent}", "--set", "cluster.connect_timeout_s=2"], "no Ray (gRPC) server answered", process=True, max_s=PROCESS_S),
     "address-bad-port": Case([*QUICK, "--address", "127.0.0.1:http"], "the port is not a number", process=True, max_s=PROCESS_S),
+    "address-auto-no-cluster": Case([*QUICK, "--address", "auto"], "cannot reach the Ray cluster at auto: Could not find any running Ray instance", process=True, max_s=PROCESS_S),
+    "tune-address-refused": Case(["tune", "--quick", "--space", "{tmp}/s.yaml", "--output-dir", "{out}", "--address", "127.0.0.1:{port}"], "cannot reach the Ray cluster at 127.0.0.1:", {"s.yaml": "space: {beta: {grid: [0.0]}}\n"}, process=True, max_s=PROCESS_S, twice=True),
+    "jobs-not-a-job-server": Case(["jobs", "list", "--address", "http://127.0.0.1:{http}"], "Jobs API is not supported", process=True, max_s=PROCESS_S),
     "jobs-refused": Case(["jobs", "list", "--address", "http://127.0.0.1:{port}"], "cannot reach the Ray job server", process=True, max_s=PROCESS_S),
     "submit-refused": Case(["submit", "--address", "http://127.0.0.1:{port}", "--", "train", "--quick"], "cannot reach the Ray job server", process=True, max_s=PROCESS_S),
     # data files
@@ -132,6 +144,7 @@ CASES: dict[str, Case] = {
     # models: a local folder is checked before Ray starts (train and eval)
     "model-no-weights": Case([*QUICK, "--set", "model={tmp}/model"], "folder has no weights", setup=_model_without("*.safetensors")),
     "model-no-tokenizer": Case([*QUICK, "--set", "model={tmp}/model"], "folder has no tokenizer", setup=_model_without("tokenizer.json")),
+    "model-truncated-weights": Case([*QUICK, "--set", "model={tmp}/model"], "model.safetensors is not a complete safetensors file", setup=_model_truncated),
     "model-no-config": Case([*QUICK, "--set", "model={tmp}/model"], "no config.json", setup=_model_without("config.json")),
     "eval-model-no-weights": Case(["eval", "--quick", "--model", "{tmp}/model"], "folder has no weights", setup=_model_without("*.safetensors")),
     "model-missing": Case([*QUICK, "--set", "model_name_or_path=/no/such/model"], "does not exist"),
@@ -206,6 +219,25 @@ def silent_port():
     server.close()
 
 
+@pytest.fixture
+def http_port():
+    """A port where a plain web server answers 404 to everything: a web server that is not Ray's."""
+    import http.server
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
 def run_cli(argv: list[str], cwd: Path, timeout_s: float) -> tuple[int, str, str, float]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("RAY_ADDRESS", None)
@@ -227,7 +259,7 @@ def run_main(argv: list[str], capfd) -> tuple[int, str, str, float]:
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow, *([pytest.mark.unrun] if n in UNRUN else [])]) if n in SLOW else n for n in CASES])
-def test_bad_input(name, tmp_path, silent_port, capfd, monkeypatch, request):
+def test_bad_input(name, tmp_path, silent_port, http_port, capfd, monkeypatch, request):
     case = CASES[name]
     if "--quick" in case.argv:
         request.getfixturevalue("tiny_model_path")  # a first build of the tiny model is not the time to fail
@@ -237,7 +269,7 @@ def test_bad_input(name, tmp_path, silent_port, capfd, monkeypatch, request):
     if case.setup is not None:
         case.setup(tmp_path)
     out = tmp_path / "out"
-    values = {"tmp": str(tmp_path), "out": str(out), "port": str(_closed_port()), "silent": str(silent_port)}
+    values = {"tmp": str(tmp_path), "out": str(out), "port": str(_closed_port()), "silent": str(silent_port), "http": str(http_port)}
     argv = [a.format(**values) for a in case.argv]
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -250,6 +282,9 @@ def test_bad_input(name, tmp_path, silent_port, capfd, monkeypatch, request):
     assert case.expected in err[0], err[0]
     assert "Traceback" not in stdout + stderr
     assert seconds < case.max_s, f"took {seconds:.1f}s (limit {case.max_s}s)"
+    if case.twice:
+        again = (run_cli(argv, tmp_path, case.max_s) if case.process else run_main(argv, capfd))[2].strip().splitlines()
+        assert again == err, again[-5:]
     if case.setup is not _recorded_run:  # what the failed run left must not refuse the fixed re-run
         from grpo_ray.driver import check_output_dir
 

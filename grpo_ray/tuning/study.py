@@ -30,7 +30,7 @@ def run_study(study: Study, root: str | Path, address: str | None = None, resume
     if resume:
         if not tune.Tuner.can_restore(str(study_dir)):
             raise ConfigError(f"--resume: {str(study_dir)!r} holds no Tune study to resume; drop --resume to start one")
-    elif study_dir.exists() and any(study_dir.iterdir()):
+    elif study_dir.exists() and any(p.name != STUDY_FILE for p in study_dir.iterdir()):  # only study.yaml: it never started
         if not overwrite:
             raise ConfigError(f"study dir {str(study_dir)!r} already holds a study: pass --resume to continue it, --overwrite to replace it, or --name to start another")
         shutil.rmtree(study_dir)
