@@ -69,13 +69,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from grpo_ray.evaluate import evaluate
     from grpo_ray.lora import is_checkpoint
-    from grpo_ray.models import resolve_model_path
+    from grpo_ray.models import check_context_length, resolve_model_path
 
     cfg = load_config(args)
     if args.data:
         cfg = cfg.with_overrides({"data": {"task": args.data}})
     model = args.model or cfg.model_name_or_path
     model = model if is_checkpoint(model) else resolve_model_path(model)  # a checkpoint / adapter is merged for vLLM
+    check_context_length(model, cfg.context_length)
     result = evaluate(cfg, model, limit=args.limit, num_generations=args.num_generations)
     line = {"model": result.model, "task": result.task, "accuracy": result.accuracy, "num_samples": result.num_samples, **result.sampled, "seconds": round(result.seconds, 1)}
     print(json.dumps(line))

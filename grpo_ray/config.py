@@ -204,9 +204,8 @@ class GRPOConfig:
     # grpo-ray: an update whose loss or gradient is NaN/inf is skipped; this many in a row stop the run
     max_bad_steps: int = 3
     # grpo-ray: a step whose batch vLLM sampled this far (mean nats/token) from the trainer's own
-    # log-probabilities stops the run (weights that did not reach the engines); None (default for
-    # now: a LoRA adapter-mode resume trips 0.5 and is not understood yet): never
-    max_logprob_mismatch: float | None = None
+    # log-probabilities stops the run (weights that did not reach the engines); None: never
+    max_logprob_mismatch: float | None = 0.5
     gradient_checkpointing: bool = True
     # grpo-ray: the update runs each prompt once for several of its completions (exact; README
     # "Performance"); false pads one row per (prompt, completion) pair, as TRL does
@@ -290,6 +289,11 @@ class GRPOConfig:
             return None
         steps = self.eval_steps if self.eval_steps is not None else self.logging_steps
         return max(1, math.ceil(self.max_steps * steps)) if steps < 1 else int(steps)
+
+    @property
+    def context_length(self) -> int:
+        """Tokens an engine holds per sequence: the prompt (512 when max_prompt_length is unset) and the completion."""
+        return (self.max_prompt_length or 512) + self.max_completion_length
 
     @property
     def eval_k(self) -> int:

@@ -25,7 +25,7 @@ from grpo_ray.evaluate import EvalResult, evaluate
 from grpo_ray.logs import quiet_ray_init, route_worker_output, set_log_dir
 from grpo_ray.lora import check_model as check_peft
 from grpo_ray.metrics import METRICS_FILE, check_trackers, flatten, plot_reward_curve, read_metrics
-from grpo_ray.models import resolve_model_path
+from grpo_ray.models import check_context_length, resolve_model_path
 from grpo_ray.ray_compat import GRPOTorchTrainer, embedded_init_kwargs
 from grpo_ray.resources import engine_bundle, required_cpus, trainer_bundle
 from grpo_ray.rewards import check_reward_specs
@@ -210,6 +210,7 @@ def train(
     check_output_dir(cfg, resume, overwrite)
     check_trackers(cfg)
     model_path = resolve_model_path(cfg.model_name_or_path)
+    check_context_length(model_path, cfg.context_length)
     rows = datasets or load_datasets(cfg.data)  # a bad data file fails here, before OUTPUT_DIR holds anything
     if cfg.resolved_eval_steps and not rows[1]:
         raise ConfigError("eval_strategy='steps' needs held-out prompts: pass eval_dataset, or set data.eval_size > 0 / data.eval_split")

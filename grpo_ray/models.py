@@ -61,6 +61,26 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id: transformers / vLLM download it where a network exists
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")  # config.json names for it
+
+
+def check_context_length(model_path: str, needed: int) -> None:
+    """The engines need max_prompt_length + max_completion_length tokens per sequence; a model
+    whose config says it holds fewer fails only when vLLM starts (tens of seconds in)."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return  # a hub id: vLLM checks it where the hub is reachable
+    data = json.loads(config.read_text(encoding="utf-8"))
+    data = {**data, **(data.get("text_config") or {})}
+    have = next((int(data[k]) for k in CONTEXT_KEYS if isinstance(data.get(k), int)), None)
+    if have is not None and needed > have:
+        key = next(k for k in CONTEXT_KEYS if isinstance(data.get(k), int))
+        raise ModelError(
+            f"max_prompt_length + max_completion_length = {needed} tokens, more than the model holds ({key}={have} in config.json); "
+            f"lower max_completion_length or max_prompt_length (unset max_prompt_length counts as 512)"
+        )
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 

@@ -420,9 +420,9 @@ def next_batch(w: Worker, step: int) -> tuple[RolloutBatch, int]:
     if w.rank == 0:
         batch, staleness = w.queue.take(step)
     if w.world > 1:
-        box = [batch]
+        box = [batch, staleness]  # staleness too: every rank decides on it (the mismatch check)
         dist.broadcast_object_list(box, src=0)
-        batch = box[0]
+        batch, staleness = box
     return batch, staleness
 
 

@@ -147,6 +147,8 @@ CASES: dict[str, Case] = {
     "model-truncated-weights": Case([*QUICK, "--set", "model={tmp}/model"], "model.safetensors is not a complete safetensors file", setup=_model_truncated),
     "model-no-config": Case([*QUICK, "--set", "model={tmp}/model"], "no config.json", setup=_model_without("config.json")),
     "eval-model-no-weights": Case(["eval", "--quick", "--model", "{tmp}/model"], "folder has no weights", setup=_model_without("*.safetensors")),
+    "context-too-long": Case([*QUICK, "--set", "max_completion_length=1000"], "max_prompt_length + max_completion_length = 1128 tokens, more than the model holds (max_position_embeddings=1024"),
+    "eval-context-too-long": Case(["eval", "--quick", "--set", "max_completion_length=1000"], "more than the model holds (max_position_embeddings=1024"),
     "model-missing": Case([*QUICK, "--set", "model_name_or_path=/no/such/model"], "does not exist"),
     # LoRA: checked against the model's modules (meta device) before Ray starts
     "lora-missing-target": Case([*QUICK, "--set", "use_peft=true", "--set", "lora_target_modules=[q_prj]"], "lora_target_modules: 'q_prj' is not a module of the model; its linear modules are: down_proj"),

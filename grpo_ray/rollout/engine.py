@@ -74,7 +74,7 @@ class EngineSpec:
         return cls(
             model_path=model_path,
             dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
-            max_model_len=(cfg.max_prompt_length or 512) + cfg.max_completion_length,
+            max_model_len=cfg.context_length,
             seed=cfg.seed,
             tensor_parallel_size=cfg.cluster.tensor_parallel_size,
             kv_cache_gib=cfg.cluster.kv_cache_gib,
