@@ -170,6 +170,7 @@ def test_python_api_on_a_ray_client_connection(tmp_path, monkeypatch):
     import ray
 
     from grpo_ray import api
+    from grpo_ray.cluster import ClusterError
     from tests.test_jobs import HeadNode
 
     materialize = api.GRPOTrainer._materialize
@@ -198,7 +199,16 @@ def test_python_api_on_a_ray_client_connection(tmp_path, monkeypatch):
             "tiny-arith", reward_funcs=[lambda prompts, completions, answer, **kw: accuracy(prompts, completions, answer)],
             args=args, train_dataset=records(64, 0),
         )  # fmt: skip
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        except ClusterError as exc:
+            # The head's per-connection Ray Client server process exited while starting, once, under
+            # the full suite's load (Ray's "Initialization failure from server"; its log went with
+            # the head's temp dir): one more connection, as a user would retry.
+            if "Initialization failure from server" not in str(exc):
+                raise
+            ray.shutdown()
+            result = trainer.train()
         rows = read_metrics(result.output_dir)
         assert [r["step"] for r in rows] == [1, 2] and not Path(result.output_dir, api.TRAIN_FILE).exists()
         assert all(0 <= r["reward_mean"] <= 1 for r in rows)
