@@ -283,7 +283,10 @@ def test_rollout_engine_killed_mid_run_is_replaced_and_resynced(tmp_path, tiny_m
 
 @pytest.mark.slow
 def test_trainer_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, tiny_model_path) -> None:
-    cfg = quick_config(tmp_path, max_steps=6, save_steps=2, cluster={"max_failures": 1})
+    """The restarted run ends on the weights of a run nobody disturbed (sync mode: bit for bit)."""
+    from tests.test_train import checkpoint_state
+
+    cfg = quick_config(tmp_path / "killed", max_steps=6, save_steps=2, cluster={"max_failures": 1})
     t0 = time.perf_counter()
     result, killer = train_and_kill(cfg, step=3, title="RayTrainWorker")
     assert steps(cfg.output_dir) == [1, 2, 3, 4, 5, 6] and result.steps == 6  # each step exactly once
@@ -291,6 +294,11 @@ def test_trainer_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, tiny_m
     assert rows[:2] == killer.rows_at_kill[:2]  # resumed from step 2's checkpoint: its rows were kept
     assert all(r["logprob_mismatch"] < 1e-3 for r in rows), [r["logprob_mismatch"] for r in rows]  # restored policy synced
     print(f"trainer kill run: {time.perf_counter() - t0:.1f}s")
+    calm = quick_config(tmp_path / "calm", max_steps=6, save_steps=2)
+    train(calm)
+    killed_w, calm_w = checkpoint_state(cfg.output_dir)[0], checkpoint_state(calm.output_dir)[0]
+    assert killed_w.keys() == calm_w.keys() and all(torch.equal(killed_w[k], calm_w[k]) for k in calm_w)
+    assert not all(torch.equal(checkpoint_state(cfg.output_dir, step=2)[0][k], calm_w[k]) for k in calm_w)  # the control: training moved them
 
 
 @pytest.mark.slow

@@ -195,6 +195,12 @@ def test_same_seed_is_bit_for_bit_and_resume_continues_exactly(tmp_path, tiny_mo
         assert len({r[key] for r in rows_a}) > 1, (key, rows_a)
     with pytest.raises(AssertionError):
         assert_identical_state(after_two, final)
+    # and another seed gives another run (what the two runs share is the seed, not a constant)
+    other = quick_config(tmp_path / "c", max_steps=2, **{**common, "seed": 8})
+    train(other)
+    assert comparable(read_metrics(other.output_dir)) != rows_a[:2]
+    with pytest.raises(AssertionError):
+        assert_identical_state(checkpoint_state(other.output_dir), after_two)
 
 
 def test_two_node_run_places_engines_and_trainers_apart(tmp_path, tiny_model_path, two_node_cluster):
