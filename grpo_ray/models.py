@@ -72,9 +72,8 @@ def check_context_length(model_path: str, needed: int) -> None:
         return  # a hub id: vLLM checks it where the hub is reachable
     data = json.loads(config.read_text(encoding="utf-8"))
     data = {**data, **(data.get("text_config") or {})}
-    have = next((int(data[k]) for k in CONTEXT_KEYS if isinstance(data.get(k), int)), None)
-    if have is not None and needed > have:
-        key = next(k for k in CONTEXT_KEYS if isinstance(data.get(k), int))
+    key = next((k for k in CONTEXT_KEYS if isinstance(data.get(k), int)), None)
+    if key is not None and needed > (have := data[key]):
         raise ModelError(
             f"max_prompt_length + max_completion_length = {needed} tokens, more than the model holds ({key}={have} in config.json); "
             f"lower max_completion_length or max_prompt_length (unset max_prompt_length counts as 512)"

@@ -46,7 +46,7 @@ from ray.train.torch import TorchTrainer
 
 PG_CLEANER_CALLBACK = "PlacementGroupCleanerCallback"
 IDLE_WORKER_KILLING_KEY = "idle_worker_killing_time_threshold_ms"  # a Ray `_system_config` key (driver.init_ray)
-METRICS_COLLECTION_KEY = "enable_metrics_collection"  # another
+METRICS_COLLECTION_KEY = "enable_metrics_collection"  # a Ray `_system_config` key too (driver.init_ray)
 INIT_PRIVATE_KWARGS = ("_node_ip_address", "_system_config")  # ray.init arguments driver.init_ray passes
 TOKEN_SETUP_MODULE = "ray._private.authentication.authentication_token_setup"
 RAY_WORKER_LOGGER = "ray._private.worker"  # logs ray.init's start notices
