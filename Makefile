@@ -27,7 +27,7 @@ test-demo: install
 	$(PY) -m pytest -q -s tests/test_demo.py --run-demo $(ARGS)
 
 test-studies: install
-	$(PY) -m pytest -q tests/test_tune.py -m study $(ARGS)
+	$(PY) -m pytest -q tests/test_tune.py -m study --run-long-studies $(ARGS)
 
 test-load: install
 	$(PY) -m pytest -q -s tests/test_faults.py -m load --run-load $(ARGS)

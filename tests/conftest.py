@@ -58,10 +58,40 @@ def quick_config(tmp_path: Path, **overrides):
     return cfg.with_overrides({"output_dir": str(tmp_path / "run"), **overrides})
 
 
+def checkpoint_state(out, step: int | None = None) -> tuple[dict, dict, dict]:
+    """A checkpoint's weights, optimizer state and LR-scheduler state (DeepSpeed ZeRO 0 files): the
+    last one, or the one of `step`."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from grpo_ray.checkpoints import MODEL_DIR, latest_checkpoint
+
+    if step is None:
+        root = Path(latest_checkpoint(out).path)
+    else:
+        (root,) = [p.parent for p in (Path(out) / "ray" / "train").glob("checkpoint_*/trainer_state.json") if json.loads(p.read_text())["step"] == step]
+    weights = {k: v for f in sorted((root / MODEL_DIR).glob("*.safetensors")) for k, v in load_file(f).items()}
+    (states,) = list(root.glob("deepspeed/*/mp_rank_00_model_states.pt"))
+    ds = torch.load(states, map_location="cpu", weights_only=False)
+    return weights, ds["optimizer"], ds["lr_scheduler"]
+
+
+TIMING_KEYS = {"time", "gen_tokens_per_s"}  # and every key ending in _s: wall-clock seconds
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.endswith("_s")} for r in rows]
+
+
 # Long end-to-end runs, opted into explicitly: marker -> (option, what it costs).
 OPT_IN = {
     "demo": ("--run-demo", "the full SmolLM2 demo takes ~10 minutes: run `make test-demo`"),
     "load": ("--run-load", "the 300-step load test takes ~11 minutes: run `make test-load`"),
+    # Studies that prove only Ray Tune's own scheduling on top of what the default suite's PBT and
+    # submitted studies already run (ASHA's early stop; the autoscaler growing and shrinking).
+    "long_study": ("--run-long-studies", "ASHA and autoscaling studies take ~4 minutes each: run `make test-studies`"),
     # written on 2026-12-05 at the end of a session and not yet run once: opt in until they have passed
     "unrun": ("--run-unrun", "written but not yet run on a clean machine: run with --run-unrun"),
 }

@@ -13,7 +13,7 @@ import torch
 from grpo_ray.cli import main
 from grpo_ray.driver import train
 from grpo_ray.metrics import read_metrics
-from tests.conftest import quick_config
+from tests.conftest import checkpoint_state, comparable, quick_config
 
 pytestmark = pytest.mark.slow
 
@@ -125,23 +125,6 @@ def test_existing_run_dir_is_refused_without_resume(tmp_path, capsys):
     assert err[-1].startswith("grpo-ray: error: output_dir") and "--resume" in err[-1] and "--overwrite" in err[-1]
 
 
-def checkpoint_state(out, step: int | None = None) -> tuple[dict, dict, dict]:
-    """A checkpoint's weights, optimizer state and LR-scheduler state (DeepSpeed ZeRO 0 files): the
-    last one, or the one of `step`."""
-    from safetensors.torch import load_file
-
-    from grpo_ray.checkpoints import MODEL_DIR, latest_checkpoint
-
-    if step is None:
-        root = Path(latest_checkpoint(out).path)
-    else:
-        (root,) = [p.parent for p in (Path(out) / "ray" / "train").glob("checkpoint_*/trainer_state.json") if json.loads(p.read_text())["step"] == step]
-    weights = {k: v for f in sorted((root / MODEL_DIR).glob("*.safetensors")) for k, v in load_file(f).items()}
-    (states,) = list(root.glob("deepspeed/*/mp_rank_00_model_states.pt"))
-    ds = torch.load(states, map_location="cpu", weights_only=False)
-    return weights, ds["optimizer"], ds["lr_scheduler"]
-
-
 def assert_identical_state(a, b) -> None:
     """Bit for bit: weights, Adam's step count and moments, the LR scheduler's position."""
     wa, oa, sa = a
@@ -153,13 +136,6 @@ def assert_identical_state(a, b) -> None:
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(state[name], ob["state"][key][name]), (key, name)
     assert sa["last_epoch"] == sb["last_epoch"] and sa["_last_lr"] == sb["_last_lr"]
-
-
-TIMING_KEYS = {"time", "gen_tokens_per_s"}  # and every key ending in _s: wall-clock seconds
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.endswith("_s")} for r in rows]
 
 
 def test_same_seed_is_bit_for_bit_and_resume_continues_exactly(tmp_path, tiny_model_path):

@@ -310,6 +310,7 @@ space:
 
 @pytest.mark.slow
 @pytest.mark.study
+@pytest.mark.long_study
 def test_asha_study_stops_poor_trials_early_and_writes_a_best_config(tmp_path, tiny_model_path, capsys):
     t0 = time.monotonic()
     study_dir, out = run_quick_study(tmp_path, "asha", ASHA_SPACE, max_concurrent=1, capsys=capsys)
@@ -469,6 +470,7 @@ def _worker_nodes() -> int:
 
 @pytest.mark.slow
 @pytest.mark.study
+@pytest.mark.long_study
 def test_study_on_an_autoscaling_cluster_grows_for_concurrent_trials_and_shrinks_after(tmp_path, tiny_model_path):
     import ray
 
