@@ -9,7 +9,10 @@ One code path, the transport a parameter:
 - `object_store`: rank 0 puts the weights in Ray's object store as 64 MiB numpy buckets; engines
   on its node map them without a copy, others pull them through Ray. Works anywhere Ray works.
 
-Either way the engine applies the tensors with vLLM's own in-place `reload_weights`.
+Either way the engine applies the tensors with vLLM's own in-place `reload_weights`, and only
+after checking them: every push carries a version and a fingerprint per tensor (`PushStamp`);
+each engine checks what arrived and answers with a `PushReceipt`; a wrong or missing tensor is
+sent once more, then stops the run (`WeightSyncError`). The engine loads nothing it did not verify.
 Tied embeddings matter: the sender yields every *name* the checkpoint has (including
 `lm_head.weight` when tied to `embed_tokens`), or vLLM's output head silently goes stale.
 """
@@ -33,7 +36,8 @@ from grpo_ray.config import TRANSPORTS, WEIGHT_SYNC
 
 
 class WeightSyncError(RuntimeError):
-    """The engines do not sample with the trainer's weights (seen in logprob_mismatch)."""
+    """The engines do not hold the trainer's weights (seen in logprob_mismatch, or a push that
+    arrived wrong twice): fatal, as a restart would repeat it."""
 
 
 def check_logprob_mismatch(mismatch: float | None, limit: float | None, step: int) -> None:
@@ -72,6 +76,54 @@ class GroupAddress:
     port: int
     world_size: int
     backend: str
+
+
+@dataclass(frozen=True)
+class PushStamp:
+    """What a push is checked against: its version and one `fingerprint` per tensor, in metas order."""
+
+    version: int
+    fingerprints: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PushReceipt:
+    """An engine's answer to a push: what it received, and the tensors whose bytes arrived other
+    than sent (then it loaded nothing and keeps its previous weights)."""
+
+    version: int
+    tensors: int
+    wrong: tuple[str, ...] = ()
+
+
+class WeightTransferError(Exception):
+    """A push that an engine did not verify (sent once more before it becomes a `WeightSyncError`)."""
+
+
+_WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprint(tensor: torch.Tensor) -> int:
+    """Two int64 sums of a tensor's raw words (all of them, and every other one).
+
+    Equal at both ends exactly when the bytes arrived: a missing, truncated, zeroed, stale or
+    misnamed tensor changes it, and the second sum catches most reorderings within a tensor. Cheap
+    on any device and the same on CPU and GPU (integer sums); not a cryptographic hash."""
+    words = tensor.detach().contiguous().view(-1).view(_WORDS[tensor.element_size()])
+    return int(words.sum(dtype=torch.int64)) * 1_000_003 + int(words[1::2].sum(dtype=torch.int64))
+
+
+def fingerprinted(tensors: Iterable[torch.Tensor], into: list[int]) -> Iterator[torch.Tensor]:
+    """Pass `tensors` through, appending each one's fingerprint to `into` (one pass, no copy kept)."""
+    for tensor in tensors:
+        into.append(fingerprint(tensor))
+        yield tensor
+
+
+def check_received(received: list[tuple[str, torch.Tensor]], stamp: PushStamp) -> PushReceipt:
+    """Engine side: the receipt for what arrived (see `PushReceipt`)."""
+    wrong = tuple(name for (name, tensor), expected in zip(received, stamp.fingerprints) if fingerprint(tensor) != expected)
+    return PushReceipt(stamp.version, len(received), wrong)
 
 
 def resolve_transport(weight_sync: str, use_gpu: bool) -> str:
@@ -250,6 +302,9 @@ class WeightSender:
         partitioned = any(hasattr(p, "ds_shape") for _, p in self.named)
         self.collective = partitioned and dist.is_initialized() and dist.get_world_size() > 1
         self.kept: list[ray.ObjectRef] | None = None
+        self.kept_stamp: PushStamp | None = None
+        self.version = 0  # of the last push (each push, resends included, takes the next)
+        self.resends = 0  # pushes an engine did not verify the first time
         # push() (training thread) and resync() (asked for by a generation after an engine restart,
         # possibly from a rollout thread) must not interleave broadcasts on one group.
         self.lock = threading.RLock()
@@ -269,7 +324,9 @@ class WeightSender:
         t0 = time.perf_counter()
         with self.lock:
             try:
-                self._push()
+                self._verified(self._push)
+            except WeightSyncError:
+                raise
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, RuntimeError) as exc:
                 if self.rank != 0 or (self.collective and self.kept is None):
                     raise
@@ -284,11 +341,23 @@ class WeightSender:
             wait_until_up(self.engines)
             self.group = None
             if not self.collective:
-                self._push()
+                self._verified(self._push)
                 return
             if self.kept is None:
                 raise RuntimeError("a rollout engine restarted before the first complete weight push: no weights to re-sync it from")
-            ray.get([e.load_weights.remote(self.metas, self.kept) for e in self.engines])
+            self._verified(lambda: self._load_shared(self.kept, self.kept_stamp))
+
+    def _verified(self, send: Callable[[], None]) -> None:
+        """`send`, and once more if an engine did not verify it; twice: `WeightSyncError` (fatal)."""
+        try:
+            send()
+        except WeightTransferError as exc:  # rank 0 only: the engines verified nothing, loaded nothing
+            print(f"[grpo-ray] {exc}; sending it once more")
+            self.resends += 1
+            try:
+                self._resend()
+            except WeightTransferError as again:
+                raise WeightSyncError(f"{again}, twice in a row: the weight sync is broken (cluster.weight_sync={self.transport})") from again
 
     def _push(self) -> None:
         tensors = self.full_weights(self.named)
@@ -296,16 +365,61 @@ class WeightSender:
             for _ in tensors:  # take part in the ZeRO-3 gathers
                 pass
             return
+        self.version += 1
+        prints: list[int] = []
+        tensors = fingerprinted(tensors, prints)
         if self.collective:  # gather it all first (the other ranks take part), keep it, send from the copy
             self.kept = None
-            self.kept = [ray.put(to_shared(flat)) for flat in flat_buckets(tensors, self.metas, torch.device("cpu"))]
-            tensors = (t for _, t in from_shared(ray.get(self.kept), self.metas))
-        if self.transport == "object_store":
-            refs = self.kept if self.collective else [ray.put(to_shared(flat)) for flat in flat_buckets(tensors, self.metas, torch.device("cpu"))]
-            ray.get([e.load_weights.remote(self.metas, refs) for e in self.engines])
+            self.kept = self._put_buckets(flat_buckets(tensors, self.metas, torch.device("cpu")))
+            self.kept_stamp = PushStamp(self.version, tuple(prints))
+            self._send_kept()
+        elif self.transport == "object_store":
+            refs = self._put_buckets(flat_buckets(tensors, self.metas, torch.device("cpu")))
+            self._load_shared(refs, PushStamp(self.version, tuple(prints)))
         else:
-            if self.group is None:
-                self._connect()
-            pending = [e.receive_weights.remote(self.metas) for e in self.engines]
-            send_tensors(self.group, tensors, self.device)
-            ray.get(pending)
+            self._broadcast(tensors, lambda: PushStamp(self.version, tuple(prints)))
+
+    def _resend(self) -> None:
+        """Rank 0, after a push an engine did not verify: the same weights once more (ZeRO-3 on
+        several ranks: from the kept copy, as the other ranks have moved on)."""
+        if self.collective:
+            self.version += 1
+            self.kept_stamp = PushStamp(self.version, self.kept_stamp.fingerprints)
+            self._send_kept()
+        else:
+            self._push()
+
+    def _send_kept(self) -> None:
+        if self.transport == "object_store":
+            self._load_shared(self.kept, self.kept_stamp)
+        else:
+            stamp = self.kept_stamp
+            self._broadcast((t for _, t in from_shared(ray.get(self.kept), self.metas)), lambda: stamp)
+
+    def _put_buckets(self, flats: Iterable[torch.Tensor]) -> list[ray.ObjectRef]:
+        return [ray.put(to_shared(flat)) for flat in flats]
+
+    def _load_shared(self, refs: list[ray.ObjectRef], stamp: PushStamp) -> None:
+        self._verify(ray.get([e.load_weights.remote(self.metas, refs, stamp) for e in self.engines]), stamp)
+
+    def _broadcast(self, tensors: Iterable[torch.Tensor], stamp: Callable[[], PushStamp]) -> None:
+        """Stream the tensors to every engine, then (the fingerprints now known) have each verify and load."""
+        if self.group is None:
+            self._connect()
+        pending = [e.receive_weights.remote(self.metas) for e in self.engines]
+        send_tensors(self.group, tensors, self.device)
+        ray.get(pending)
+        final = stamp()
+        self._verify(ray.get([e.apply_weights.remote(final) for e in self.engines]), final)
+
+    def _verify(self, receipts: list[PushReceipt], stamp: PushStamp) -> None:
+        """Every engine loaded this version, every tensor of it, as sent; else `WeightTransferError`."""
+        where = {self.metas[i].name: b for b, bucket in enumerate(buckets(self.metas)) for i in bucket}
+        for index, r in enumerate(receipts):
+            if r.version != stamp.version or r.tensors != len(self.metas) or r.wrong:
+                what = (
+                    f"{len(r.wrong)} tensor(s) arrived other than sent, first {r.wrong[0]!r} (bucket {where.get(r.wrong[0])})"
+                    if r.wrong
+                    else f"it received {r.tensors} of {len(self.metas)} tensors of push {r.version}"
+                )
+                raise WeightTransferError(f"weight push {stamp.version} to rollout engine {index} not loaded: {what}")

@@ -450,6 +450,7 @@ def grpo_step(w: Worker, step: int) -> dict[str, float]:
         "train_s": t2 - t1,
         "overlap_wait_s": overlap_wait_s,
         "sync_s": sync_s,
+        "weight_resends": float(w.pusher.resends),  # pushes an engine did not verify at first (so far)
         "step_time_s": t3 - t0,
     }
 

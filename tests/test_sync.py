@@ -10,7 +10,7 @@ import ray
 import torch
 
 from grpo_ray.rollout import EngineSpec, RolloutPool, SamplingSpec
-from grpo_ray.sync import WeightSender
+from grpo_ray.sync import WeightSender, WeightSyncError, to_shared
 from tests.conftest import quick_config
 
 pytestmark = pytest.mark.slow
@@ -39,6 +39,34 @@ def sample_tokens(tokenizer):
     return p, c
 
 
+class TamperingSender(WeightSender):
+    """The real sender, with a fault in transit on its next `tamper` sends, after it fingerprinted
+    the weights (so no engine can tell from the stamp): "flip" changes one bit of the first tensor
+    (either transport), "drop" leaves out the last object-store bucket (a tensor that never arrives)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tamper, self.mode = 0, "flip"
+
+    def _flip(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        tensor.reshape(-1)[:1].view(torch.uint8)[0] ^= 1  # the lowest mantissa bit of one value
+        return tensor
+
+    def _put_buckets(self, flats):
+        flats = list(flats)
+        if self.tamper:
+            self.tamper -= 1
+            flats = flats[:-1] if self.mode == "drop" else [self._flip(flats[0]), *flats[1:]]
+        return [ray.put(to_shared(flat)) for flat in flats]
+
+    def _broadcast(self, tensors, stamp):
+        if self.tamper:
+            self.tamper -= 1
+            tensors = (self._flip(t) if i == 0 else t for i, t in enumerate(tensors))
+        return super()._broadcast(tensors, stamp)
+
+
 @ray.remote
 class TrainerSide:
     """Holds the HF model and the sender: stands in for trainer rank 0 on its own node."""
@@ -61,10 +89,14 @@ class TrainerSide:
                 if only is None or only in name:
                     p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
-    def push(self, transport):
+    def push(self, transport, tamper=0, mode="flip"):
+        """Push; returns (version, resends so far) of that transport's sender."""
         if transport not in self.senders:
-            self.senders[transport] = WeightSender(self.engines, self.model, torch.float32, transport)
-        return self.senders[transport].push()
+            self.senders[transport] = TamperingSender(self.engines, self.model, torch.float32, transport)
+        sender = self.senders[transport]
+        sender.tamper, sender.mode = tamper, mode
+        sender.push()
+        return sender.version, sender.resends
 
     def resync(self, transport):
         """What rank 0 does after a failed push: a new broadcast group to engines that may still
@@ -89,6 +121,36 @@ def sample_and_score(pool, side, prompt_ids, n=2):
     return sampled, ray.get(side.score.remote(prompts, comps))
 
 
+def each_engine(pool, p, c):
+    """Every engine's logprobs of the same tokens (pool.completion_logprobs asks only the first)."""
+    return ray.get([e.completion_logprobs.remote(p, c) for e in pool.engines])
+
+
+def check_verified_pushes(pool, side, p, c) -> None:
+    """Each engine checks every push against the sender's fingerprints: a fault in transit is sent
+    once more and loaded; twice, the run stops and every engine keeps its last verified weights."""
+    for seed, transport, mode in [(11, "gloo", "flip"), (12, "object_store", "flip"), (13, "object_store", "drop")]:
+        ray.get(side.perturb.remote(seed))
+        _, _, hf = ray.get(side.logprobs.remote())
+        _, before = ray.get(side.push.remote(transport))
+        version, resends = ray.get(side.push.remote(transport, tamper=1, mode=mode))
+        assert resends == before + 1, f"{transport}/{mode}: the fault was not caught"
+        assert ray.get([e.loaded_version.remote() for e in pool.engines]) == [version] * len(pool.engines)
+        assert all(max_diff(lp, hf) < 1e-3 for lp in each_engine(pool, p, c)), f"{transport}/{mode}: resent weights not loaded"
+        # The fault twice in a row: one line that names the tensor's bucket, and nothing loaded.
+        ray.get(side.perturb.remote(seed + 100))
+        _, _, moved = ray.get(side.logprobs.remote())
+        expected = r"\d+ tensor\(s\) arrived other than sent, first '.+' \(bucket 0\)" if mode == "flip" else r"it received \d+ of \d+ tensors of push \d+"
+        with pytest.raises(WeightSyncError, match=f"to rollout engine 0 not loaded: {expected}, twice in a row"):
+            ray.get(side.push.remote(transport, tamper=2, mode=mode))
+        assert ray.get([e.loaded_version.remote() for e in pool.engines]) == [version] * len(pool.engines)
+        stale = each_engine(pool, p, c)
+        assert all(max_diff(lp, hf) < 1e-3 < 1e-2 < max_diff(lp, moved) for lp in stale), f"{transport}/{mode}: a refused push was loaded"
+    ray.get(side.push.remote("gloo"))  # and the group still works after a refused push
+    _, _, hf = ray.get(side.logprobs.remote())
+    assert all(max_diff(lp, hf) < 1e-3 for lp in each_engine(pool, p, c))
+
+
 def check_sync(cfg, model_path, trainer_resources):
     pool = RolloutPool(cfg, EngineSpec(model_path=model_path, dtype="float32", max_model_len=256))
     try:
@@ -100,10 +162,8 @@ def check_sync(cfg, model_path, trainer_resources):
             _, _, hf = ray.get(side.logprobs.remote())
             stale = pool.completion_logprobs(p, c)
             assert max_diff(stale, hf) > 1e-2, "the perturbation must be visible before the sync"
-            seconds = ray.get(side.push.remote(transport))
-            synced = pool.completion_logprobs(p, c)
-            assert max_diff(synced, hf) < 1e-3, f"{transport} sync (perturbed: {only or 'all'}) left vLLM out of step"
-            assert seconds < 30
+            ray.get(side.push.remote(transport), timeout=60)
+            assert all(max_diff(lp, hf) < 1e-3 for lp in each_engine(pool, p, c)), f"{transport} sync (perturbed: {only or 'all'}) left an engine out of step"
             # Generation shares a prompt's KV across its group (prefix caching): the prompts were
             # cached before this sync, so a stale cache would show here.
             sampled, hf_sampled = sample_and_score(pool, side, p)
@@ -113,14 +173,16 @@ def check_sync(cfg, model_path, trainer_resources):
             ray.get(side.perturb.remote(seed))
             _, _, hf = ray.get(side.logprobs.remote())
             ray.get(getattr(side, method).remote("gloo"), timeout=120)
-            assert max_diff(pool.completion_logprobs(p, c), hf) < 1e-3, f"gloo {method} on a rebuilt group left vLLM out of step"
+            assert all(max_diff(lp, hf) < 1e-3 for lp in each_engine(pool, p, c)), f"gloo {method} on a rebuilt group left an engine out of step"
+        if len(pool.engines) > 1:
+            check_verified_pushes(pool, side, p, c)
         return ray.get(side.node_id.remote()), ray.get(pool.engines[0].node_id.remote())
     finally:
         pool.shutdown()
 
 
-def test_sync_single_node(tmp_path, tiny_model_path, ray_local):
-    check_sync(quick_config(tmp_path), tiny_model_path, {})
+def test_sync_to_two_engines_each_verified(tmp_path, tiny_model_path, ray_local):
+    check_sync(quick_config(tmp_path, cluster={"num_rollout_actors": 2}), tiny_model_path, {})
 
 
 def test_sync_across_nodes(tmp_path, tiny_model_path, two_node_cluster):

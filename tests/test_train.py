@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 REQUIRED_METRICS = {
     "step", "reward_mean", "reward_std", "rewards/accuracy", "rewards/format", "loss", "clip_ratio",
     "completion_length_mean", "learning_rate", "logprob_mismatch", "gen_tokens_per_s", "step_time_s",
-    "generate_s", "train_s", "sync_s", "reward_timeouts",
+    "generate_s", "train_s", "sync_s", "reward_timeouts", "weight_resends",
 }  # fmt: skip
 
 
@@ -33,6 +33,7 @@ def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_p
     for row in rows:
         assert REQUIRED_METRICS <= set(row), REQUIRED_METRICS - set(row)
         assert row["logprob_mismatch"] < 1e-3  # vLLM sampled from exactly the trainer's weights
+        assert row["weight_resends"] == 0  # every push verified by the engine the first time
         assert row["gen_tokens_per_s"] > 0
     assert (out / "reward_curve.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

@@ -121,6 +121,8 @@ class RolloutEngine:
             enable_prefix_caching=True,
         )
         self.group: Any = None
+        self.received: list[tuple[str, torch.Tensor]] = []  # a broadcast not yet checked (apply_weights)
+        self.weights_version = 0
         self.adapter_version = 0  # lora_sync: adapter: the LoRA version generation uses (0: the base)
         self.device = torch.device("cuda" if spec.use_gpu else "cpu")
         self.incarnation = uuid.uuid4().hex  # a new one each time Ray restarts this actor
@@ -186,16 +188,27 @@ class RolloutEngine:
         return True
 
     def receive_weights(self, metas: list[sync.TensorMeta]) -> int:
-        """Take a broadcast from trainer rank 0 and load it in place."""
-        weights = list(sync.receive_tensors(self.group, metas, self.device))
-        self._reload(weights)
-        return len(weights)
+        """Take a broadcast from trainer rank 0; held until `apply_weights` checks it."""
+        self.received = list(sync.receive_tensors(self.group, metas, self.device))
+        return len(self.received)
 
-    def load_weights(self, metas: list[sync.TensorMeta], refs: list[ray.ObjectRef]) -> int:
-        """Object-store transport: the buckets arrive as object refs, read in place."""
-        weights = list(sync.from_shared(ray.get(refs), metas))
-        self._reload(weights)
-        return len(weights)
+    def load_weights(self, metas: list[sync.TensorMeta], refs: list[ray.ObjectRef], stamp: sync.PushStamp) -> sync.PushReceipt:
+        """Object-store transport: the buckets arrive as object refs, read in place, then checked."""
+        self.received = list(sync.from_shared(ray.get(refs), metas))
+        return self.apply_weights(stamp)
+
+    def apply_weights(self, stamp: sync.PushStamp) -> sync.PushReceipt:
+        """Load what arrived if every tensor matches the push's fingerprints; else load nothing."""
+        weights, self.received = self.received, []
+        receipt = sync.check_received(weights, stamp)
+        if receipt.tensors == len(stamp.fingerprints) and not receipt.wrong:
+            self._reload(weights)
+            self.weights_version = stamp.version
+        return receipt
+
+    def loaded_version(self) -> int:
+        """The version of the last push this engine verified and loaded (0: its start weights)."""
+        return self.weights_version
 
     def _lora_request(self) -> Any:
         if not self.adapter_version:
