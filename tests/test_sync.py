@@ -200,3 +200,18 @@ def test_buckets_hold_consecutive_tensors_of_one_dtype_up_to_the_limit(monkeypat
              TensorMeta("d", (4,), "float32"), TensorMeta("e", (4,), "bfloat16"), TensorMeta("f", (4,), "bfloat16")]  # fmt: skip
     # a+b = 1000 bytes fit; c (4000 bytes) goes alone; d follows; a dtype change starts a bucket
     assert buckets(metas) == [[0, 1], [2], [3], [4, 5]]
+
+
+def test_fingerprint_changes_with_any_byte_and_with_values_trading_places():
+    from grpo_ray.sync import fingerprint
+
+    for x in (torch.randn(1001), torch.randn(7).bfloat16(), torch.randn(3, 5, dtype=torch.float16), torch.tensor(3.0)):
+        assert fingerprint(x) == fingerprint(x.clone())
+        for index in (0, x.numel() * x.element_size() - 1):  # the first byte and one past the last whole word
+            y = x.clone()
+            y.view(-1).view(torch.uint8)[index] ^= 1
+            assert fingerprint(y) != fingerprint(x), (x.dtype, index)
+        if x.numel() > 1:
+            y = x.clone().view(-1)
+            y[[0, 1]] = y[[1, 0]]
+            assert fingerprint(y) != fingerprint(x), x.dtype
