@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 import traceback
 from importlib import resources
 from pathlib import Path
@@ -48,6 +49,7 @@ def load_config(args: argparse.Namespace) -> GRPOConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from grpo_ray.checkpoints import RUN_FILE
+    from grpo_ray.console import summary
     from grpo_ray.driver import train
 
     if args.resume and not args.config:
@@ -57,12 +59,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         args.output_dir = args.output_dir or args.resume
     cfg = load_config(args)
+    t0 = time.monotonic()
     result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    final = result.final_metrics
-    print(
-        f"done: {result.steps} steps, reward_mean {final.get('reward_mean', float('nan')):.3f}; "
-        f"metrics {result.output_dir}/metrics.jsonl; curve {result.reward_curve}; model {result.checkpoint_dir}"
-    )
+    print(summary(result, time.monotonic() - t0))
     return 0
 
 

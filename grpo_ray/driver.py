@@ -17,6 +17,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from grpo_ray import console
 from grpo_ray.checkpoints import MODEL_DIR, RUN_FILE, RUN_NAME, latest_checkpoint, latest_complete_checkpoint
 from grpo_ray.cluster import connect
 from grpo_ray.config import ConfigError, GRPOConfig
@@ -229,6 +230,8 @@ def train(
     if cfg.eval_at_start_and_end and not resume:
         scores["start"] = held_out_accuracy(cfg, model_path, datasets and datasets[1], tool_specs=tool_specs, env_spec=env_spec)
         print(f"[grpo-ray] held-out accuracy before training: {scores['start']:.3f}")
+    if console.in_driver():
+        print(console.banner(cfg, model_path, (len(rows[0]), len(rows[1])), out, cfg.cluster.address or os.environ.get("RAY_ADDRESS")), flush=True)
     pool = RolloutPool(cfg, EngineSpec.from_config(cfg, model_path))
     try:
         transport = resolve_transport(cfg.cluster.weight_sync, cfg.cluster.use_gpu)
@@ -236,7 +239,9 @@ def train(
             cfg=cfg.to_dict(), model_path=model_path, pool=pool, transport=transport, output_dir=str(out),
             datasets=datasets, reward_specs=reward_specs, tool_specs=tool_specs, env_spec=env_spec,
         )  # fmt: skip
-        result = make_trainer(cfg, loop, out, callbacks).fit()
+        restart = latest_complete_checkpoint(out) if resume else None
+        with console.Progress(out, cfg.max_steps, restart[0] if restart else 0):
+            result = make_trainer(cfg, loop, out, callbacks).fit()
         if result.error is not None:
             raise pool.start_error() or result.error  # an engine that never started is the cause
     finally:

@@ -455,16 +455,6 @@ def grpo_step(w: Worker, step: int) -> dict[str, float]:
     }
 
 
-def progress_bar(cfg: GRPOConfig, start: int):
-    """A progress bar that Ray renders on the driver's terminal."""
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=cfg.max_steps, desc="GRPO", unit="step")
-    if start:
-        bar.update(start)
-    return bar
-
-
 def record_placement(lc: LoopConfig, world: int) -> None:
     """Write OUTPUT_DIR/placement.json: which Ray node runs each engine and trainer rank, and
     with which OpenMP wait settings (`cluster.omp_wait`)."""
@@ -550,7 +540,6 @@ def train_loop_per_worker(loop: dict) -> None:
         rounds = cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 0
         w.queue = RolloutQueue(w.rollout, w.sampler, cfg.staleness, cfg.max_steps, start, dynamic_rounds=rounds)
         lc.pool.on_restart = w.queue.guarded(pusher.resync)  # a restarted engine gets the current weights
-    bar = progress_bar(cfg, start) if rank == 0 else None
     eval_every = cfg.resolved_eval_steps
     if rank == 0 and eval_every and cfg.eval_on_start and start == 0:
         w.logger.log({"step": 0, **evaluate_on_pool(cfg, lc.pool, w.rollout.backend, w.eval_rows, w.rollout.reward_specs)})
@@ -562,9 +551,6 @@ def train_loop_per_worker(loop: dict) -> None:
             w.logger.log(metrics)
             if cfg.log_completions:
                 w.logger.log_completions(w.last_batch.completion_rows(), step)
-        if bar is not None:
-            bar.update(1)
-            bar.set_description(f"GRPO reward {metrics['reward_mean']:.3f} loss {metrics['loss']:+.4f}")
         save = step % cfg.save_steps == 0 or step == cfg.max_steps
         reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if save:
@@ -578,5 +564,3 @@ def train_loop_per_worker(loop: dict) -> None:
         w.rollout.close()
     if w.logger is not None:
         w.logger.close()
-    if bar is not None:
-        bar.close()

@@ -24,10 +24,15 @@ REQUIRED_METRICS = {
 }  # fmt: skip
 
 
-def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_path):
+def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_path, capfd):
     out = tmp_path / "quick"
     code = main(["train", "--quick", "--output-dir", str(out), "--set", "max_steps=4", "--set", "save_steps=2", "--set", "num_iterations=2"])
     assert code == 0
+    captured = capfd.readouterr()
+    assert_console_is_readable(captured, out, steps=4)
+    for polluted in ("(RolloutEngine pid=1) WARNING 12-06 [arg_utils.py:1945] ...", "GRPO  50%|#####     | 2/4 [00:03]"):  # the controls
+        with pytest.raises(AssertionError):  # a library line on the terminal; a second bar that starts over
+            assert_console_is_readable(type(captured)(captured.out, captured.err + polluted + "\n"), out, steps=4)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
@@ -56,6 +61,23 @@ def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_p
     assert result.returncode == 0, result.stderr[-2000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["num_samples"] == 20 and 0.0 <= line["accuracy"] <= 1.0
+
+
+def assert_console_is_readable(captured, out: Path, steps: int) -> None:
+    """The terminal holds one banner, one progress bar counting up to `steps`, and the summary;
+    vLLM's, DeepSpeed's and Ray's lines (their WARNINGs included) are in OUTPUT_DIR/logs only."""
+    lines = [line.strip() for text in (captured.out, captured.err) for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    bar = [line for line in lines if line.startswith("GRPO ") and "%|" in line]
+    rest = [line for line in lines if line not in bar]
+    assert len([line for line in rest if line.startswith("[grpo-ray] GRPO on tiny-arith")]) == 1, rest
+    assert [line for line in rest if line.startswith(f"done: {steps} steps in ")], rest
+    assert all(line.startswith(("[grpo-ray]", "done: ")) for line in rest), rest  # nothing else: no library line
+    counts = [int(line.split("|")[2].split("/")[0]) for line in bar]
+    assert counts and counts == sorted(counts) and counts[-1] == steps and f"/{steps} [" in bar[-1], bar  # one bar, drawn once per change
+    assert "s/step=" in bar[-1] and "ETA=" in bar[-1] and "reward=" in bar[-1]
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
+    assert "RolloutEngine.log" in logs and "RayTrainWorker.log" in logs
+    assert any("WARNING" in text for text in logs.values())  # the library chatter is there, not on the terminal
 
 
 def test_bf16_on_cpu_trains_with_bf16_engines(tmp_path, tiny_model_path):

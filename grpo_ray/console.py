@@ -1,0 +1,112 @@
+"""What a person sees on the terminal during a run: one banner, one progress bar, one summary.
+
+The bar is drawn by the driver alone, from OUTPUT_DIR/metrics.jsonl as rank 0 writes it, so its
+rate and ETA are the run's own and no worker process redraws it (worker output goes to
+OUTPUT_DIR/logs, grpo_ray/logs.py). A tuning trial runs `train` inside a Ray worker: no bar there.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from grpo_ray.config import GRPOConfig
+from grpo_ray.logs import LOGS_DIR, OURS
+from grpo_ray.metrics import read_metrics
+
+POLL_S = 0.5
+
+
+def banner(cfg: GRPOConfig, model_path: str, num_prompts: tuple[int, int], out: Path, address: str | None) -> str:
+    """One line: what trains on what, where it runs, where its outputs go."""
+    cl = cfg.cluster
+    task = cfg.data.task if isinstance(cfg.data.task, str) else "in-memory data"
+    device = "1 GPU" if cl.use_gpu else f"{cl.trainer_num_cpus} CPU"
+    where = f"Ray at {address}" if address else "embedded Ray on this machine"
+    engines = f"{cl.num_rollout_actors} vLLM engine{'s' if cl.num_rollout_actors > 1 else ''}"
+    workers = f"{cl.num_trainer_workers} trainer worker{'s' if cl.num_trainer_workers > 1 else ''} x {device} (ZeRO {cl.zero_stage})"
+    lora = f", LoRA r={cfg.lora_r}" if cfg.use_peft else ""
+    return (
+        f"{OURS} GRPO on {Path(model_path).name}{lora}, {task}: {num_prompts[0]} train / {num_prompts[1]} held-out prompts, "
+        f"{cfg.max_steps} steps | {engines}, {workers} | {where} | output {out} (library logs: {out / LOGS_DIR})"
+    )
+
+
+def in_driver() -> bool:
+    """Whether this process is a Ray driver (not a task or actor, such as a tuning trial)."""
+    return not ray.is_initialized() or ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
+
+
+class Progress:
+    """`with Progress(out, total, start):` a tqdm bar on stderr that follows metrics.jsonl."""
+
+    def __init__(self, out: Path, total: int, start: int = 0) -> None:
+        self.out, self.total, self.shown = out, total, start
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True, name="grpo-ray-progress")
+        self.bar: Any = None
+        self.held_out: float | None = None
+        self.times: list[float] = []  # step_time_s of the rows seen
+
+    def __enter__(self) -> "Progress":
+        if in_driver():
+            from tqdm import tqdm
+
+            # tqdm's own rate would count the start-up as a step: s/step and ETA come from the rows
+            fmt = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+            self.bar = tqdm(total=self.total, initial=self.shown, desc="GRPO", file=sys.stderr, dynamic_ncols=True, bar_format=fmt)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is None:
+            return
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self._refresh()  # the last rows, written just before the run ended
+        self.bar.close()
+
+    def _follow(self) -> None:
+        while not self.stop.wait(POLL_S):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        rows = [r for r in read_metrics(self.out) if r.get("step", 0) > self.shown]
+        if not rows:
+            return
+        last = rows[-1]
+        self.times += [r["step_time_s"] for r in rows if "step_time_s" in r]
+        per_step = sum(self.times[-10:]) / len(self.times[-10:]) if self.times else float("nan")
+        left = int(per_step * (self.total - int(last["step"]))) if self.times else 0
+        post = {
+            "reward": f"{last.get('reward_mean', float('nan')):.3f}",
+            "loss": f"{last.get('loss', float('nan')):+.4f}",
+            "s/step": f"{per_step:.1f}",
+            "ETA": f"{left // 60}:{left % 60:02d}",
+        }
+        evals = [r for r in rows if any(k.startswith("eval/mean@") for k in r)]
+        if evals:  # the step's held-out mean reward (eval_strategy: steps)
+            self.held_out = next(v for k, v in evals[-1].items() if k.startswith("eval/mean@"))
+        if self.held_out is not None:
+            post["held-out"] = f"{self.held_out:.3f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(int(last["step"]) - self.shown)
+        self.shown = int(last["step"])
+
+
+def summary(result: Any, seconds: float) -> str:
+    """The closing line of `grpo-ray train` (`result`: a driver.RunResult)."""
+    rows = [r for r in read_metrics(result.output_dir) if r.get("step", 0) > 0 and "reward_mean" in r]
+    reward = f"reward {rows[0]['reward_mean']:.3f} -> {rows[-1]['reward_mean']:.3f} (step {rows[0]['step']} -> {rows[-1]['step']})" if rows else "no step logged"
+    held_out = ""
+    if result.eval and "start" in result.eval and "end" in result.eval:
+        held_out = f"; held-out accuracy {result.eval['start']:.3f} -> {result.eval['end']:.3f}"
+    out = Path(result.output_dir)
+    return (
+        f"done: {result.steps} steps in {seconds:.0f} s; {reward}{held_out}; model {result.checkpoint_dir}; "
+        f"curve {result.reward_curve}; metrics {out / 'metrics.jsonl'}; logs {out / LOGS_DIR}"
+    )
