@@ -7,6 +7,7 @@ OUTPUT_DIR/logs, grpo_ray/logs.py). A tuning trial runs `train` inside a Ray wor
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -41,8 +42,15 @@ def in_driver() -> bool:
     return not ray.is_initialized() or ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
 
 
+PROGRESS_ENV = "GRPO_RAY_PROGRESS"  # "bar" or "lines": how progress is shown (default: bar on a terminal)
+
+
 class Progress:
-    """`with Progress(out, total, start):` a tqdm bar on stderr that follows metrics.jsonl."""
+    """`with Progress(out, total, start):` follow metrics.jsonl on the driver's terminal.
+
+    On a terminal, a tqdm bar on stderr, cleared if the run fails so that the error line stands
+    alone; elsewhere (a log file, a Ray job's log) a `[grpo-ray] step` line on stdout about every
+    tenth of the run, which stays readable where a redrawn bar would not."""
 
     def __init__(self, out: Path, total: int, start: int = 0) -> None:
         self.out, self.total, self.shown = out, total, start
@@ -51,9 +59,15 @@ class Progress:
         self.bar: Any = None
         self.held_out: float | None = None
         self.times: list[float] = []  # step_time_s of the rows seen
+        self.every = 1  # lines mode: print when the step crosses a multiple of this
 
     def __enter__(self) -> "Progress":
-        if in_driver():
+        if not in_driver():
+            return self
+        self.every = max(1, self.total // 10)
+        if os.environ.get(PROGRESS_ENV, "bar" if sys.stderr.isatty() else "lines") != "bar":
+            self.thread.start()
+        else:
             from tqdm import tqdm
 
             # tqdm's own rate would count the start-up as a step: s/step and ETA come from the rows
@@ -62,13 +76,16 @@ class Progress:
             self.thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is None:
+    def __exit__(self, failed: type | None, *exc: Any) -> None:
+        if not self.thread.is_alive():
             return
         self.stop.set()
         self.thread.join(timeout=5)
-        self._refresh()  # the last rows, written just before the run ended
-        self.bar.close()
+        if failed is None:
+            self._refresh()  # the last rows, written just before the run ended
+        if self.bar is not None:
+            self.bar.leave = failed is None
+            self.bar.close()
 
     def _follow(self) -> None:
         while not self.stop.wait(POLL_S):
@@ -93,9 +110,13 @@ class Progress:
             self.held_out = next(v for k, v in evals[-1].items() if k.startswith("eval/mean@"))
         if self.held_out is not None:
             post["held-out"] = f"{self.held_out:.3f}"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(int(last["step"]) - self.shown)
-        self.shown = int(last["step"])
+        step, before = int(last["step"]), self.shown
+        self.shown = step
+        if self.bar is not None:
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(step - before)
+        elif step // self.every > before // self.every or step == self.total:
+            print(f"{OURS} step {step}/{self.total}: " + ", ".join(f"{k} {v}" for k, v in post.items()), flush=True)
 
 
 def summary(result: Any, seconds: float) -> str:

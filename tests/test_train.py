@@ -24,7 +24,8 @@ REQUIRED_METRICS = {
 }  # fmt: skip
 
 
-def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_path, capfd):
+def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_path, capfd, monkeypatch):
+    monkeypatch.setenv("GRPO_RAY_PROGRESS", "bar")  # what a terminal gets (stderr is captured here)
     out = tmp_path / "quick"
     code = main(["train", "--quick", "--output-dir", str(out), "--set", "max_steps=4", "--set", "save_steps=2", "--set", "num_iterations=2"])
     assert code == 0
