@@ -92,7 +92,10 @@ class Progress:
             self._refresh()
 
     def _refresh(self) -> None:
-        rows = [r for r in read_metrics(self.out) if r.get("step", 0) > self.shown]
+        try:
+            rows = [r for r in read_metrics(self.out) if r.get("step", 0) > self.shown]
+        except (OSError, ValueError):  # a line being written, or the file being truncated on resume
+            return
         if not rows:
             return
         last = rows[-1]
