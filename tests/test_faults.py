@@ -283,7 +283,15 @@ def test_rollout_engine_killed_mid_run_is_replaced_and_resynced(tmp_path, tiny_m
 
 @pytest.mark.slow
 def test_trainer_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, tiny_model_path) -> None:
-    """The restarted run ends on the weights of a run nobody disturbed (sync mode: bit for bit)."""
+    """The restarted run ends on the weights of a run nobody disturbed.
+
+    Bit for bit when the test runs alone (11 of 11 runs, kills from step 3 + 0.1 s to + 1.0 s). In
+    the full suite two runs of one seed in this process differed by up to ~2e-6 from step 2, before
+    any kill (README "Determinism and resume"), so what is asserted is < 1e-4: a restart from the
+    wrong checkpoint, a step applied twice or skipped moves the weights by ~1e-3 (the control)."""
+    import ray
+
+    ray.shutdown()  # each run on its own embedded Ray, as `grpo-ray train` starts one
     cfg = quick_config(tmp_path / "killed", max_steps=6, save_steps=2, cluster={"max_failures": 1})
     t0 = time.perf_counter()
     result, killer = train_and_kill(cfg, step=3, title="RayTrainWorker")
@@ -293,15 +301,17 @@ def test_trainer_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, tiny_m
     assert all(r["logprob_mismatch"] < 1e-3 for r in rows), [r["logprob_mismatch"] for r in rows]  # restored policy synced
     print(f"trainer kill run: {time.perf_counter() - t0:.1f}s")
     calm = quick_config(tmp_path / "calm", max_steps=6, save_steps=2)
+    ray.shutdown()
     train(calm)
     killed_w, calm_w = checkpoint_state(cfg.output_dir)[0], checkpoint_state(calm.output_dir)[0]
     assert killed_w.keys() == calm_w.keys()
     differ = {k: float((killed_w[k] - calm_w[k]).abs().max()) for k in calm_w if not torch.equal(killed_w[k], calm_w[k])}
-    # Said on failure: where the kill landed, what the restart resumed from, which logged rows differ.
-    why = {"rows_at_kill": [r["step"] for r in killer.rows_at_kill], "weights_differ": dict(list(differ.items())[:3]),
+    why = {"rows_at_kill": [r["step"] for r in killer.rows_at_kill], "weights_differ": dict(sorted(differ.items(), key=lambda kv: -kv[1])[:3]),
            "rows_differ": [a["step"] for a, b in zip(comparable(rows), comparable(read_metrics(calm.output_dir))) if a != b]}  # fmt: skip
-    assert not differ, why
-    assert not all(torch.equal(checkpoint_state(cfg.output_dir, step=2)[0][k], calm_w[k]) for k in calm_w)  # the control: training moved them
+    print(f"trainer kill vs undisturbed: {'bit for bit' if not differ else why}")
+    assert max(differ.values(), default=0.0) < 1e-4, why
+    at_two = checkpoint_state(cfg.output_dir, step=2)[0]
+    assert max(float((at_two[k] - calm_w[k]).abs().max()) for k in calm_w) > 1e-3  # the control: 4 more steps moved them
 
 
 @pytest.mark.slow
