@@ -17,7 +17,7 @@ import ray
 
 from grpo_ray.config import GRPOConfig
 from grpo_ray.logs import LOGS_DIR, OURS
-from grpo_ray.metrics import read_metrics
+from grpo_ray.metrics import METRICS_FILE, read_metrics
 
 POLL_S = 0.5
 
@@ -65,15 +65,13 @@ class Progress:
         if not in_driver():
             return self
         self.every = max(1, self.total // 10)
-        if os.environ.get(PROGRESS_ENV, "bar" if sys.stderr.isatty() else "lines") != "bar":
-            self.thread.start()
-        else:
+        if os.environ.get(PROGRESS_ENV, "bar" if sys.stderr.isatty() else "lines") == "bar":
             from tqdm import tqdm
 
             # tqdm's own rate would count the start-up as a step: s/step and ETA come from the rows
             fmt = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
             self.bar = tqdm(total=self.total, initial=self.shown, desc="GRPO", file=sys.stderr, dynamic_ncols=True, bar_format=fmt)
-            self.thread.start()
+        self.thread.start()
         return self
 
     def __exit__(self, failed: type | None, *exc: Any) -> None:
@@ -99,12 +97,13 @@ class Progress:
         if not rows:
             return
         last = rows[-1]
-        self.times += [r["step_time_s"] for r in rows if "step_time_s" in r]
-        per_step = sum(self.times[-10:]) / len(self.times[-10:]) if self.times else float("nan")
-        left = int(per_step * (self.total - int(last["step"]))) if self.times else 0
+        self.times += [r["step_time_s"] for r in rows if r.get("step_time_s") is not None]
+        recent = self.times[-10:]
+        per_step = sum(recent) / len(recent) if recent else float("nan")
+        left = int(per_step * (self.total - int(last["step"]))) if recent else 0
         post = {
-            "reward": f"{last.get('reward_mean', float('nan')):.3f}",
-            "loss": f"{last.get('loss', float('nan')):+.4f}",
+            "reward": f"{_num(last.get('reward_mean')):.3f}",
+            "loss": f"{_num(last.get('loss')):+.4f}",
             "s/step": f"{per_step:.1f}",
             "ETA": f"{left // 60}:{left % 60:02d}",
         }
@@ -122,9 +121,14 @@ class Progress:
             print(f"{OURS} step {step}/{self.total}: " + ", ".join(f"{k} {v}" for k, v in post.items()), flush=True)
 
 
+def _num(value: Any) -> float:
+    """A logged number, or NaN where the row has none (metrics.jsonl writes NaN as null)."""
+    return float("nan") if value is None else float(value)
+
+
 def summary(result: Any, seconds: float) -> str:
     """The closing line of `grpo-ray train` (`result`: a driver.RunResult)."""
-    rows = [r for r in read_metrics(result.output_dir) if r.get("step", 0) > 0 and "reward_mean" in r]
+    rows = [r for r in read_metrics(result.output_dir) if r.get("step", 0) > 0 and r.get("reward_mean") is not None]
     reward = f"reward {rows[0]['reward_mean']:.3f} -> {rows[-1]['reward_mean']:.3f} (step {rows[0]['step']} -> {rows[-1]['step']})" if rows else "no step logged"
     held_out = ""
     if result.eval and "start" in result.eval and "end" in result.eval:
@@ -132,5 +136,5 @@ def summary(result: Any, seconds: float) -> str:
     out = Path(result.output_dir)
     return (
         f"done: {result.steps} steps in {seconds:.0f} s; {reward}{held_out}; model {result.checkpoint_dir}; "
-        f"curve {result.reward_curve}; metrics {out / 'metrics.jsonl'}; logs {out / LOGS_DIR}"
+        f"curve {result.reward_curve}; metrics {out / METRICS_FILE}; logs {out / LOGS_DIR}"
     )

@@ -141,3 +141,28 @@ def test_reward_curve_plots_the_held_out_evals(tmp_path, monkeypatch):
     logger.close()
     assert plot_reward_curve(tmp_path).is_file()
     assert legends[-1][0] == "reward_mean" and {"held-out pass@1", "held-out pass@4", "held-out mean@4"} <= set(legends[-1])
+
+
+def test_progress_lines_and_summary_read_rows_with_nulls_and_a_half_written_line(tmp_path, capsys, monkeypatch):
+    """The console follows metrics.jsonl as it is written: a step whose rewards all failed logs
+    reward_mean null, and the poll can catch the last line half-written."""
+    from types import SimpleNamespace
+
+    from grpo_ray.console import PROGRESS_ENV, Progress, summary
+
+    monkeypatch.setenv(PROGRESS_ENV, "lines")
+    rows = [{"step": 1, "reward_mean": None, "loss": 0.5, "step_time_s": 2.0}, {"step": 2, "reward_mean": 0.25, "loss": None, "step_time_s": 4.0}]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:10])  # step 2's line half-written
+    progress = Progress(tmp_path, total=4)
+    progress._refresh()  # unreadable as it stands: read again at the next poll
+    metrics.write_text(json.dumps(rows[0]) + "\n")
+    progress._refresh()
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    progress._refresh()
+    assert capsys.readouterr().out.splitlines() == [
+        "[grpo-ray] step 1/4: reward nan, loss +0.5000, s/step 2.0, ETA 0:06",
+        "[grpo-ray] step 2/4: reward 0.250, loss +nan, s/step 3.0, ETA 0:06",
+    ]
+    result = SimpleNamespace(output_dir=str(tmp_path), steps=2, eval={"start": 0.1, "end": 0.3}, checkpoint_dir="ck", reward_curve="c.png")
+    assert summary(result, 61.2).startswith("done: 2 steps in 61 s; reward 0.250 -> 0.250 (step 2 -> 2); held-out accuracy 0.100 -> 0.300; model ck;")
