@@ -414,11 +414,11 @@ class WeightSender:
 
     def _verify(self, receipts: list[PushReceipt], stamp: PushStamp) -> None:
         """Every engine loaded this version, every tensor of it, as sent; else `WeightTransferError`."""
-        where = {self.metas[i].name: b for b, bucket in enumerate(buckets(self.metas)) for i in bucket}
         for index, r in enumerate(receipts):
             if r.version != stamp.version or r.tensors != len(self.metas) or r.wrong:
+                bucket = next((b for b, ids in enumerate(buckets(self.metas)) if r.wrong and any(self.metas[i].name == r.wrong[0] for i in ids)), None)
                 what = (
-                    f"{len(r.wrong)} tensor(s) arrived other than sent, first {r.wrong[0]!r} (bucket {where.get(r.wrong[0])})"
+                    f"{len(r.wrong)} tensor(s) arrived other than sent, first {r.wrong[0]!r} (bucket {bucket})"
                     if r.wrong
                     else f"it received {r.tensors} of {len(self.metas)} tensors of push {r.version}"
                 )
