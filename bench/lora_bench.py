@@ -77,7 +77,7 @@ def run_grpo_ray(model_path: str, steps: int, out_dir: str, arm: str) -> dict:
         "report_to": [], "reward_funcs": ["reasoning_gym", "format"], "reward_weights": [1.0, 0.2], "data": TASK,
         "max_prompt_length": 192, "learning_rate": LR["lora" if lora else "full"],
         **({"use_peft": True, "lora_sync": "adapter" if arm == "lora_adapter" else "merged", **LORA} if lora else {}),
-        "cluster": {"rollout_num_cpus": 2, "trainer_num_cpus": 2, "kv_cache_gib": 2},
+        "cluster": {"rollout_num_cpus": 2, "trainer_num_cpus": 2},
     })  # fmt: skip
     result = train(cfg, overwrite=True)
     ckpt = Path(result.checkpoint_dir).parent

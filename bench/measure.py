@@ -50,20 +50,73 @@ def process_name(p) -> str:
         return ""
 
 
+# A process's role from its title (Ray names its workers `ray::<Class>.<method>` / `ray::<task>`):
+# the first role with a matching needle wins; a process that matches none takes its parent's role.
+ROLES = (
+    ("ray gcs", ("gcs_server",)),
+    ("raylet", ("raylet",)),
+    ("rollout engine", ("RolloutEngine",)),
+    ("trainer worker", ("RayTrainWorker",)),
+    ("ray train actors", ("TrainController", "SynchronizationActor", "DatasetManager", "AutoscalingCoordinator", "PreemptionWatcher")),
+    ("idle ray workers", ("ray::IDLE",)),
+    ("reward / eval tasks", ("ray::",)),
+    ("ray agents", ("/ray/",)),  # dashboard head and agent, runtime-env agent, log monitor, autoscaler monitor
+)
+
+
+def role(p, root_pid: int) -> str:
+    """The role of one process of an arm's tree, read at each sample: a Ray worker's title changes
+    when it becomes an actor (`ray::IDLE` -> `ray::RolloutEngine`)."""
+    if p.pid == root_pid:
+        return "driver"
+    title = process_name(p) + " " + " ".join(_cmdline(p))
+    name = next((r for r, needles in ROLES if any(n in title for n in needles)), None)
+    if name is None:
+        parent = _parent(p)
+        return role(parent, root_pid) if parent is not None else "other"
+    return name
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:  # noqa: BLE001 - a process that just exited
+        return []
+
+
+def _parent(p):
+    try:
+        return p.parent()
+    except Exception:  # noqa: BLE001 - a process that just exited
+        return None
+
+
 def run_child(script: str, args: list[str], label: str, part: Callable[[list], list] | None = None) -> dict:
     """`python script --child ... --record FILE`; returns the record plus `peak_rss_gib` (the whole
-    tree) and, when `part` picks processes out of the tree, `part_rss_gib` (their peak) and
-    `part_rss_median_gib` (the median over the samples: the steady state, not the load spike)."""
+    tree), `rss_at_peak_gib` ({role: GiB} at the sample where the tree peaked: it sums to the peak),
+    `peak_rss_by_role_gib` (each role's own peak) and, when `part` picks processes out of the tree,
+    `part_rss_gib` (their peak) and `part_rss_median_gib` (the median over the samples: the steady
+    state, not the load spike)."""
     import psutil
 
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         record = f.name
     proc = subprocess.Popen([sys.executable, script, *args, "--record", record], env={**os.environ, **CHILD_ENV})
     root, peak, part_samples = psutil.Process(proc.pid), 0, []
+    at_peak: dict[str, int] = {}
+    role_peak: dict[str, int] = {}
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(rss(p) for p in tree))
+            by_role: dict[str, int] = {}
+            for p in tree:
+                r = role(p, root.pid)
+                by_role[r] = by_role.get(r, 0) + rss(p)
+            total = sum(by_role.values())
+            if total > peak:
+                peak, at_peak = total, by_role
+            for r, v in by_role.items():
+                role_peak[r] = max(role_peak.get(r, 0), v)
             if part is not None and (chosen := part(tree)):
                 part_samples.append(max(rss(p) for p in chosen))
         except psutil.NoSuchProcess:
@@ -74,4 +127,6 @@ def run_child(script: str, args: list[str], label: str, part: Callable[[list], l
     data = json.loads(Path(record).read_text())
     os.unlink(record)
     parts = {"part_rss_gib": max(part_samples, default=0) / 2**30, "part_rss_median_gib": statistics.median(part_samples or [0]) / 2**30}
-    return {"peak_rss_gib": peak / 2**30, **(parts if part else {}), **data}
+    gib = lambda d: {r: v / 2**30 for r, v in sorted(d.items(), key=lambda kv: -kv[1])}  # noqa: E731
+    memory = {"peak_rss_gib": peak / 2**30, "rss_at_peak_gib": gib(at_peak), "peak_rss_by_role_gib": gib(role_peak)}
+    return {**memory, **(parts if part else {}), **data}

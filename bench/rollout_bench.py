@@ -80,7 +80,7 @@ def pool_generate_tps(model_path: str, prompt_ids: list[list[int]], n: int, new_
 
     from grpo_ray.rollout import EngineSpec, RolloutEngine, SamplingSpec
 
-    engine = ray.remote(RolloutEngine).options(num_cpus=cpus).remote(EngineSpec(model_path=model_path, max_model_len=512, kv_cache_gib=2))
+    engine = ray.remote(RolloutEngine).options(num_cpus=cpus).remote(EngineSpec(model_path=model_path, max_model_len=512, kv_cache_bytes=2 * 2**30))
     spec = SamplingSpec(n=n, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_tokens=new_tokens, logprobs=logprobs)
     try:
         ray.get(engine.generate.remote(prompt_ids[:2], spec, 0))  # warm-up

@@ -162,29 +162,31 @@ def run_trl(model_path: str, steps: int, out_dir: str) -> list[dict]:
     return records
 
 
-def run_grpo_ray(model_path: str, steps: int, out_dir: str, arm: str) -> list[dict]:
-    """`grpo-ray train` through its Python entry point; per-step records from metrics.jsonl."""
+def run_grpo_ray(model_path: str, steps: int, out_dir: str, arm: str) -> tuple[list[dict], dict[str, float]]:
+    """`grpo-ray train` through its Python entry point; per-step records from metrics.jsonl and
+    the start-up phases from startup.json."""
     from grpo_ray.config import GRPOConfig
     from grpo_ray.driver import train
     from grpo_ray.metrics import read_metrics
+    from grpo_ray.startup import read_startup
 
     engine_cpus, trainer_cpus = CPUS[arm]
     cfg = GRPOConfig.from_dict({
         **COMMON, "model_name_or_path": model_path, "output_dir": out_dir, "max_steps": steps, "save_steps": steps,
         "report_to": [], "reward_funcs": REWARDS, "data": TASK, "max_prompt_length": 128,
         "async_generation": arm == "async",
-        "cluster": {"rollout_num_cpus": engine_cpus, "trainer_num_cpus": trainer_cpus, "kv_cache_gib": 1, "omp_wait": OMP_WAIT["value"]},
+        "cluster": {"rollout_num_cpus": engine_cpus, "trainer_num_cpus": trainer_cpus, "omp_wait": OMP_WAIT["value"]},
     })  # fmt: skip
     train(cfg, overwrite=True)
-    return read_metrics(out_dir)
+    return read_metrics(out_dir), read_startup(out_dir)
 
 
 def child(arm: str, model_path: str, steps: int, record: str, async_cpus: str) -> None:
     CPUS["async"] = tuple(int(c) for c in async_cpus.split(","))
     started = time.time()
     with tempfile.TemporaryDirectory(prefix=f"vs-trl-{arm}-") as tmp:
-        rows = run_trl(model_path, steps, tmp) if arm == "trl" else run_grpo_ray(model_path, steps, tmp, arm)
-    Path(record).write_text(json.dumps({"started": started, "steps": rows}))
+        rows, phases = (run_trl(model_path, steps, tmp), {}) if arm == "trl" else run_grpo_ray(model_path, steps, tmp, arm)
+    Path(record).write_text(json.dumps({"started": started, "steps": rows, "startup_phases": phases}))
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -241,6 +243,9 @@ def summarise(run: dict, warmup: int, prompt_tokens: float) -> dict:
         "train_tokens_per_s": train_tok,
         "peak_rss_gib": run["peak_rss_gib"],
         "startup_s": origin - run["started"],
+        "startup_phases": run.get("startup_phases", {}),
+        "rss_at_peak_gib": run.get("rss_at_peak_gib", {}),
+        "peak_rss_by_role_gib": run.get("peak_rss_by_role_gib", {}),
         "train_wall_s": curve[-1][0],
         "curve": curve,
         "profile": profile,
@@ -315,12 +320,34 @@ def report(results: dict, wall: float) -> None:
         rat = "".join(f" | {results[a][key] / results[b][key]:>13.2f}x" if results[b][key] else " | " + "n/a".rjust(14) for a, b in ratios)
         print(f"| {name:38s} | {vals}{rat} |")
     print("\nWhere a step's time goes (median seconds; async: generate/score overlap the update)")
+    _role_table(results, arms)
     keys = sorted({k for a in arms for k in results[a]["profile"]}, key=lambda k: (PROFILE + ("update_s", "update_other_s")).index(k))
     print(f"| {'stage':16s} | " + " | ".join(f"{label(a):>16s}" for a in arms) + " |")
     print("|" + "---|" * (1 + len(arms)))
     for k in keys:
         cells = (results[a]["profile"].get(k) for a in arms)
         print(f"| {k:16s} | " + " | ".join(f"{c:16.3f}" if c is not None else f"{'-':>16s}" for c in cells) + " |")
+
+
+def _role_table(results: dict, arms: list[str]) -> None:
+    """Peak memory per process role (GiB; at the tree's peak, and each role's own peak) and the
+    start-up phases (seconds; engines and the trainer start at once, so the phases overlap)."""
+    roles = sorted({r for a in arms for r in results[a].get("peak_rss_by_role_gib", {})}, key=lambda r: -max(results[a].get("peak_rss_by_role_gib", {}).get(r, 0) for a in arms))
+    if roles:
+        print("\nPeak RSS per process role, GiB (at the tree's peak / the role's own peak; first repeat)")
+        print(f"| {'role':24s} | " + " | ".join(f"{label(a):>16s}" for a in arms) + " |")
+        print("|" + "---|" * (1 + len(arms)))
+        for r in roles:
+            cells = [(results[a].get("rss_at_peak_gib", {}).get(r, 0.0), results[a].get("peak_rss_by_role_gib", {}).get(r, 0.0)) for a in arms]
+            print(f"| {r:24s} | " + " | ".join(f"{x:7.2f} / {y:6.2f}" for x, y in cells) + " |")
+    phases = [k for k in dict.fromkeys(k for a in arms for k in results[a].get("startup_phases", {}))]
+    if phases:
+        print("\nStart-up phases, s (grpo_ray/startup.py; first repeat)")
+        print(f"| {'phase':24s} | " + " | ".join(f"{label(a):>16s}" for a in arms) + " |")
+        print("|" + "---|" * (1 + len(arms)))
+        for k in phases:
+            cells = (results[a].get("startup_phases", {}).get(k) for a in arms)
+            print(f"| {k:24s} | " + " | ".join(f"{c:16.1f}" if c is not None else f"{'-':>16s}" for c in cells) + " |")
 
 
 def main() -> None:

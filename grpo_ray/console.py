@@ -18,6 +18,7 @@ import ray
 from grpo_ray.config import GRPOConfig
 from grpo_ray.logs import LOGS_DIR, OURS
 from grpo_ray.metrics import METRICS_FILE, read_metrics
+from grpo_ray.startup import STARTUP_FILE, read_startup
 
 POLL_S = 0.5
 
@@ -134,7 +135,9 @@ def summary(result: Any, seconds: float) -> str:
     if result.eval and "start" in result.eval and "end" in result.eval:
         held_out = f"; held-out accuracy {result.eval['start']:.3f} -> {result.eval['end']:.3f}"
     out = Path(result.output_dir)
+    first = read_startup(out).get("to_first_step_s")
+    started = f" (first step done after {first:.0f} s: {STARTUP_FILE})" if first is not None else ""
     return (
-        f"done: {result.steps} steps in {seconds:.0f} s; {reward}{held_out}; model {result.checkpoint_dir}; "
+        f"done: {result.steps} steps in {seconds:.0f} s{started}; {reward}{held_out}; model {result.checkpoint_dir}; "
         f"curve {result.reward_curve}; metrics {out / METRICS_FILE}; logs {out / LOGS_DIR}"
     )

@@ -32,6 +32,7 @@ from grpo_ray.resources import engine_bundle, required_cpus, trainer_bundle
 from grpo_ray.rewards import check_reward_specs
 from grpo_ray.rollout import EngineSpec, RolloutPool, check_reward_functions
 from grpo_ray.rollout.tools import check_tool_keys, check_tools
+from grpo_ray.startup import Timeline, process_start
 from grpo_ray.sync import resolve_transport
 from grpo_ray.trainer import FATAL_FILE, LoopConfig, run_worker
 
@@ -69,6 +70,9 @@ def init_ray(cfg: GRPOConfig) -> None:
         connect(address, cfg.cluster.connect_timeout_s, runtime_env=env)
         route_worker_output()
         return
+    # Ray Train's node-preemption watcher (an actor process of its own) is for clusters of
+    # preemptible nodes; an embedded Ray is this one machine.
+    env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
     ray.init(
         num_cpus=cfg.cluster.num_cpus or required_cpus(cfg),
         num_gpus=None if cfg.cluster.use_gpu else 0,
@@ -207,6 +211,9 @@ def train(
     `datasets` (train rows, eval rows), `reward_specs` (names or `rewards.ByValue` callables,
     aligned with cfg.reward_funcs), `tool_specs` and `env_spec` (the same for cfg.tools and
     cfg.environment_factory) are the Python API's: they travel to the workers through Ray."""
+    startup = Timeline()
+    startup.mark("process_start", at=process_start())
+    startup.mark("train_called")
     cfg = cfg.with_absolute_paths()
     check_output_dir(cfg, resume, overwrite)
     check_trackers(cfg)
@@ -220,7 +227,9 @@ def train(
     if reward_specs is None:
         check_reward_specs(cfg.reward_funcs)  # names and files; importing them runs in a Ray worker
     check_tool_keys(cfg, tool_specs, env_spec)
+    startup.mark("ray_called")
     init_ray(cfg)
+    startup.mark("ray_ready")
     set_log_dir(Path(cfg.output_dir).resolve())
     if reward_specs or cfg.reward_funcs:
         check_reward_functions(reward_specs or cfg.reward_funcs, cfg.cluster.reward_timeout_s)
@@ -228,16 +237,19 @@ def train(
     out = prepare_output_dir(cfg, resume, overwrite)
     scores: dict[str, float] = {}
     if cfg.eval_at_start_and_end and not resume:
+        startup.mark("eval_called")
         scores["start"] = held_out_accuracy(cfg, model_path, datasets and datasets[1], tool_specs=tool_specs, env_spec=env_spec)
         print(f"[grpo-ray] held-out accuracy before training: {scores['start']:.3f}")
+        startup.mark("eval_done")
     if console.in_driver():
         print(console.banner(cfg, model_path, (len(rows[0]), len(rows[1])), out, cfg.cluster.address or os.environ.get("RAY_ADDRESS")), flush=True)
+    startup.mark("pool_called")
     pool = RolloutPool(cfg, EngineSpec.from_config(cfg, model_path))
     try:
         transport = resolve_transport(cfg.cluster.weight_sync, cfg.cluster.use_gpu)
         loop = LoopConfig(
             cfg=cfg.to_dict(), model_path=model_path, pool=pool, transport=transport, output_dir=str(out),
-            datasets=datasets, reward_specs=reward_specs, tool_specs=tool_specs, env_spec=env_spec,
+            datasets=datasets, reward_specs=reward_specs, tool_specs=tool_specs, env_spec=env_spec, startup=startup,
         )  # fmt: skip
         restart = latest_complete_checkpoint(out) if resume else None
         with console.Progress(out, cfg.max_steps, restart[0] if restart else 0):

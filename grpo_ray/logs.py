@@ -3,7 +3,7 @@
 The terminal gets grpo-ray's own lines: `[grpo-ray] ...` notices (from the driver or any worker),
 the result, or the one-line error, which comes last. Everything else the Ray processes print
 (vLLM, DeepSpeed, Ray Train, a failing worker's traceback) goes to `OUTPUT_DIR/logs/ROLE.log`,
-one file per process role (RolloutEngine, RayTrainWorker, TrainController, _score_task, ...).
+one file per process role (RolloutEngine, RayTrainWorker, TrainController, score_task, ...).
 `--debug` (or GRPO_RAY_DEBUG=1) prints it all on the terminal as well, as Ray does by default.
 """
 

@@ -64,14 +64,34 @@ def resolve_model_path(name: str) -> str:
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")  # config.json names for it
 
 
+def text_config(model_path: str) -> dict | None:
+    """config.json of a local model folder, the language model's part of it merged on top
+    (multimodal configs nest it as text_config); None for a hub id."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text(encoding="utf-8"))
+    return {**data, **(data.get("text_config") or {})}
+
+
+def kv_bytes_per_token(model_path: str, dtype_bytes: int) -> int | None:
+    """Bytes of KV cache one token takes in a standard decoder (keys and values, every layer);
+    None where config.json does not say (a hub id, an unusual architecture)."""
+    data = text_config(model_path) or {}
+    layers, heads, hidden = data.get("num_hidden_layers"), data.get("num_attention_heads"), data.get("hidden_size")
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, hidden)):
+        return None
+    kv_heads = data.get("num_key_value_heads") or heads
+    head_dim = data.get("head_dim") or hidden // heads
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
 def check_context_length(model_path: str, needed: int) -> None:
     """The engines need max_prompt_length + max_completion_length tokens per sequence; a model
     whose config says it holds fewer fails only when vLLM starts (tens of seconds in)."""
-    config = Path(model_path) / "config.json"
-    if not config.is_file():
+    data = text_config(model_path)
+    if data is None:
         return  # a hub id: vLLM checks it where the hub is reachable
-    data = json.loads(config.read_text(encoding="utf-8"))
-    data = {**data, **(data.get("text_config") or {})}
     key = next((k for k in CONTEXT_KEYS if isinstance(data.get(k), int)), None)
     if key is not None and needed > (have := data[key]):
         raise ModelError(

@@ -47,6 +47,7 @@ from ray.train.torch import TorchTrainer
 PG_CLEANER_CALLBACK = "PlacementGroupCleanerCallback"
 IDLE_WORKER_KILLING_KEY = "idle_worker_killing_time_threshold_ms"  # a Ray `_system_config` key (driver.init_ray)
 METRICS_COLLECTION_KEY = "enable_metrics_collection"  # a Ray `_system_config` key too (driver.init_ray)
+PRESTART_KEY = "prestart_worker_first_driver"  # and this one
 INIT_PRIVATE_KWARGS = ("_node_ip_address", "_system_config")  # ray.init arguments driver.init_ray passes
 TOKEN_SETUP_MODULE = "ray._private.authentication.authentication_token_setup"
 RAY_WORKER_LOGGER = "ray._private.worker"  # logs ray.init's start notices
@@ -57,10 +58,13 @@ def embedded_init_kwargs(idle_worker_killing_ms: int) -> dict[str, Any]:
     """`ray.init`'s private arguments for the embedded Ray (driver.init_ray): bind to loopback where
     Ray allows it, kill idle workers only after `idle_worker_killing_ms` (Ray's default: 1 s), and
     no metrics collection: with it, each node's agent serves Prometheus metrics over HTTP on
-    0.0.0.0 with no authentication, for a dashboard the embedded Ray does not run."""
+    0.0.0.0 with no authentication, for a dashboard the embedded Ray does not run. No idle workers
+    prestarted for the driver (one per CPU, by default): the engines and trainers are actors with
+    their own processes and the reward tasks run under the trainer's environment, so they would
+    only cost start-up CPU and ~130 MB each."""
     return {
         "_node_ip_address": "127.0.0.1",
-        "_system_config": {IDLE_WORKER_KILLING_KEY: idle_worker_killing_ms, METRICS_COLLECTION_KEY: False},
+        "_system_config": {IDLE_WORKER_KILLING_KEY: idle_worker_killing_ms, METRICS_COLLECTION_KEY: False, PRESTART_KEY: False},
     }
 
 

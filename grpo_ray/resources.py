@@ -7,7 +7,10 @@ is admitted for all of `run_bundles` at once (tuning/admission.py).
 
 from __future__ import annotations
 
+import math
+
 from grpo_ray.config import ClusterConfig, GRPOConfig
+from grpo_ray.models import kv_bytes_per_token
 
 ROLE_AMOUNT = 0.001  # of a node-role resource (cluster.rollout_resource / trainer_resource): "on such a node"
 
@@ -30,6 +33,28 @@ def trainer_bundle(cl: ClusterConfig) -> dict[str, float]:
     if cl.trainer_resource:
         bundle[cl.trainer_resource] = ROLE_AMOUNT
     return bundle
+
+
+KV_FALLBACK_GIB = 1.0  # kv_cache_gib "auto" where config.json does not give the KV shape
+KV_GRANULE = 32 * 2**20  # auto sizes are rounded up to this
+
+
+def kv_cache_bytes(cfg: GRPOConfig, model_path: str, dtype_bytes: int) -> int:
+    """Each engine's KV cache: `cluster.kv_cache_gib`, or ("auto") what one generation round of
+    the run can hold at once: its share of the round's sequences (prompts_per_step x
+    num_generations over the engines) at their longest (context_length tokens each), plus
+    one sequence of slack. The prompt length is an upper bound and a group's completions share
+    their prompt's blocks (prefix caching), so this is headroom, not a squeeze; a bigger batch
+    (held-out eval) queues inside vLLM rather than fail."""
+    cl = cfg.cluster
+    if cl.kv_cache_gib != "auto":
+        return int(float(cl.kv_cache_gib) * 2**30)
+    per_token = kv_bytes_per_token(model_path, dtype_bytes)
+    if per_token is None:
+        return int(KV_FALLBACK_GIB * 2**30)
+    sequences = math.ceil(cfg.prompts_per_step / cl.num_rollout_actors) * cfg.num_generations + 1
+    need = sequences * cfg.context_length * per_token
+    return math.ceil(need / KV_GRANULE) * KV_GRANULE
 
 
 def run_bundles(cfg: GRPOConfig, rewards: bool = True) -> list[dict[str, float]]:

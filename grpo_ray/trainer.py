@@ -38,8 +38,9 @@ from grpo_ray.metrics import MetricsLogger
 from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
 from grpo_ray.ray_compat import quiet_train_report_logs
 from grpo_ray.rewards import RewardError, RewardSpec
-from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool, make_backend
+from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool, make_backend, warm_reward_workers
 from grpo_ray.rollout.queue import RolloutQueue
+from grpo_ray.startup import Timeline
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LoopConfig:
     reward_specs: list[RewardSpec] | None = None
     tool_specs: list[RewardSpec] | None = None  # the Python API's tools= / environment_factory= (else cfg's)
     env_spec: RewardSpec | None = None
+    startup: Timeline | None = None  # the driver's start-up marks; rank 0 adds its own and writes startup.json
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -139,6 +141,11 @@ class Policy:
         import deepspeed
         from transformers import AutoModelForCausalLM, get_scheduler
 
+        if device.type == "cpu":
+            # DeepSpeed compiles its shared-memory all-reduce (a C++ op, ~1 min, again for each
+            # environment path) when its comm starts; only its inference all-reduce uses it, never
+            # training's collectives (torch.distributed). Its op table is writable by design.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.cfg = cfg
         self.device = device
         self.pad_id = pad_id
@@ -508,15 +515,20 @@ def train_loop_per_worker(loop: dict) -> None:
 
     quiet_train_report_logs()
     lc: LoopConfig = loop["loop"]
+    startup = lc.startup or Timeline()
+    startup.mark("worker_started")
     cfg = GRPOConfig.from_dict(lc.cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if cfg.cluster.use_gpu else torch.device("cpu")
+    if rank == 0:  # reward workers start beside DeepSpeed, not in step 1 (the tasks' results are not needed)
+        warm_reward_workers(lc.reward_specs or cfg.reward_funcs)
     tokenizer = AutoTokenizer.from_pretrained(lc.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = Policy(cfg, lc.model_path, device, pad_id)
+    startup.mark("policy_ready")
     pusher = sync.WeightSender(lc.pool.engines, policy.module, policy.sync_dtype, lc.transport, rank, policy.full_weights, policy.device, named=policy.lora_sync and policy.lora_sync.named)
     w = Worker(cfg, rank, world, policy, pusher, tokenizer)
     if rank == 0:
@@ -536,7 +548,9 @@ def train_loop_per_worker(loop: dict) -> None:
     # Engines outlive trainer restarts: after a worker died they hold a later step's weights,
     # whatever checkpoint (or none) this attempt starts from. Give them this attempt's policy.
     w.pusher.push()
+    startup.mark("first_sync_done")
     if rank == 0:
+        startup.mark("engines_ready", at=max(ray.get([e.ready_at.remote() for e in lc.pool.engines])))
         rounds = cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 0
         w.queue = RolloutQueue(w.rollout, w.sampler, cfg.staleness, cfg.max_steps, start, dynamic_rounds=rounds)
         lc.pool.on_restart = w.queue.guarded(pusher.resync)  # a restarted engine gets the current weights
@@ -545,6 +559,9 @@ def train_loop_per_worker(loop: dict) -> None:
         w.logger.log({"step": 0, **evaluate_on_pool(cfg, lc.pool, w.rollout.backend, w.eval_rows, w.rollout.reward_specs)})
     for step in range(start + 1, cfg.max_steps + 1):
         metrics = grpo_step(w, step)
+        if rank == 0 and "first_step_done" not in startup.marks:
+            startup.mark("first_step_done")
+            startup.write(lc.output_dir)
         if rank == 0 and eval_every and step % eval_every == 0:  # engines hold this step's weights, idle
             metrics.update(evaluate_on_pool(cfg, lc.pool, w.rollout.backend, w.eval_rows, w.rollout.reward_specs))
         if w.logger is not None:
@@ -556,7 +573,8 @@ def train_loop_per_worker(loop: dict) -> None:
         if save:
             state = {"sampler": w.queue.sampler_state() if w.queue else None}
             root = save_checkpoint(policy, tokenizer, step, state, rank)
-            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(root))
+            # the staging dir in /tmp is removed once Ray Train has copied it to the run's storage
+            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(root), delete_local_checkpoint_after_upload=True)
         else:
             ray.train.report(reported)
     if w.queue is not None:

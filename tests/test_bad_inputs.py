@@ -376,16 +376,16 @@ def test_worker_output_goes_to_role_files(tmp_path, capsys, monkeypatch):
     router.dir = tmp_path / "logs"
     trace = ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: boom"]
     router({"pid": 11, "actor_name": "RayTrainWorker", "is_err": True, "lines": trace})
-    router({"pid": 12, "task_name": "_score_task", "is_err": False, "lines": ["[grpo-ray] optim fell back", "noise"]})
+    router({"pid": 12, "task_name": "score_task", "is_err": False, "lines": ["[grpo-ray] optim fell back", "noise"]})
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == "[grpo-ray] optim fell back\n"
     assert (tmp_path / "logs" / "RayTrainWorker.log").read_text().splitlines() == [f"pid=11 {line}" for line in trace]
-    assert "pid=12 noise" in (tmp_path / "logs" / "_score_task.log").read_text()
+    assert "pid=12 noise" in (tmp_path / "logs" / "score_task.log").read_text()
     monkeypatch.setenv("GRPO_RAY_DEBUG", "1")  # --debug: Ray's own printer shows everything
     router({"pid": 11, "actor_name": "RayTrainWorker", "is_err": True, "lines": trace})
     assert len(printed) == 1 and printed[0]["lines"] == trace
     router.terminal = False  # after the error line: files only
-    router({"pid": 12, "task_name": "_score_task", "is_err": False, "lines": ["[grpo-ray] late"]})
+    router({"pid": 12, "task_name": "score_task", "is_err": False, "lines": ["[grpo-ray] late"]})
     assert capsys.readouterr().out == "" and len(printed) == 1
 
 

@@ -166,3 +166,8 @@ def test_progress_lines_and_summary_read_rows_with_nulls_and_a_half_written_line
     ]
     result = SimpleNamespace(output_dir=str(tmp_path), steps=2, eval={"start": 0.1, "end": 0.3}, checkpoint_dir="ck", reward_curve="c.png")
     assert summary(result, 61.2).startswith("done: 2 steps in 61 s; reward 0.250 -> 0.250 (step 2 -> 2); held-out accuracy 0.100 -> 0.300; model ck;")
+    from grpo_ray.startup import Timeline
+
+    startup = Timeline({"train_called": 100.0, "pool_called": 103.0, "engines_ready": 120.0, "first_sync_done": 121.5, "first_step_done": 124.25})
+    assert startup.write(tmp_path) == {"engine_start_s": 17.0, "first_step_s": 2.75, "to_first_step_s": 24.25}
+    assert summary(result, 61.2).startswith("done: 2 steps in 61 s (first step done after 24 s: startup.json); reward 0.250")

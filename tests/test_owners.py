@@ -91,7 +91,7 @@ def test_engine_spec_carries_dtype_gpu_and_tensor_parallelism_for_training_and_e
     cfg = quick_config(tmp_path, bf16=True, max_prompt_length=100, max_completion_length=28, cluster={"use_gpu": True, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.7, "kv_cache_gib": 3})
     spec = EngineSpec.from_config(cfg, "/m")
     assert (spec.model_path, spec.dtype, spec.max_model_len, spec.seed) == ("/m", "bfloat16", 128, cfg.seed)
-    assert (spec.tensor_parallel_size, spec.use_gpu, spec.gpu_memory_utilization, spec.kv_cache_gib) == (2, True, 0.7, 3)
+    assert (spec.tensor_parallel_size, spec.use_gpu, spec.gpu_memory_utilization, spec.kv_cache_bytes) == (2, True, 0.7, 3 * 2**30)
     cpu = EngineSpec.from_config(quick_config(tmp_path, async_generation=True), "/m")
     assert cpu.dtype == "float32" and not cpu.use_gpu and cpu.env_vars == {"OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -112,3 +112,33 @@ def test_every_weight_sync_choice_resolves_to_a_transport():
     assert [sync.resolve_transport("auto", gpu) for gpu in (False, True)] == ["gloo", "nccl"]
     with pytest.raises(ValueError, match=f"use one of {', '.join(WEIGHT_SYNC)}$"):
         sync.resolve_transport("tcp", False)
+
+
+def test_kv_cache_auto_is_sized_from_the_batch_and_the_model(tmp_path):
+    """`cluster.kv_cache_gib: auto`: (prompts per engine x num_generations + 1) sequences of
+    context_length tokens at the model's KV bytes per token, rounded up to 32 MiB (the e2e check
+    that vLLM agrees on the bytes per token is tests/test_rollout.py)."""
+    import json
+    import math
+
+    from grpo_ray.models import kv_bytes_per_token
+    from grpo_ray.resources import KV_GRANULE, kv_cache_bytes
+
+    model = tmp_path / "m"
+    model.mkdir()
+    # SmolLM2-135M's shape: 30 layers, 9 query / 3 KV heads of 64
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}))
+    assert kv_bytes_per_token(str(model), 4) == 2 * 30 * 3 * 64 * 4 and kv_bytes_per_token(str(model), 2) == 2 * 30 * 3 * 64 * 2
+    cfg = quick_config(tmp_path, num_generations=8, max_prompt_length=256, max_completion_length=256, per_device_train_batch_size=64, gradient_accumulation_steps=1)
+    assert cfg.cluster.kv_cache_gib == "auto" and cfg.prompts_per_step == 8
+    need = (8 * 8 + 1) * 512 * 46080
+    assert kv_cache_bytes(cfg, str(model), 4) == math.ceil(need / KV_GRANULE) * KV_GRANULE == 1472 * 2**20
+    two = cfg.with_overrides({"cluster": {"num_rollout_actors": 2}})  # each engine holds its share
+    assert kv_cache_bytes(two, str(model), 4) == math.ceil((4 * 8 + 1) * 512 * 46080 / KV_GRANULE) * KV_GRANULE
+    assert kv_cache_bytes(cfg, str(model), 2) == 736 * 2**20  # bf16: half the bytes (rounded up to 32 MiB)
+    # explicit sizes are taken as given; a model without a readable config gets the fallback
+    assert kv_cache_bytes(cfg.with_overrides({"cluster": {"kv_cache_gib": 1.5}}), str(model), 4) == int(1.5 * 2**30)
+    assert kv_cache_bytes(cfg, "org/hub-id", 4) == 2**30
+    for bad in (0, -1, "big", True):
+        with pytest.raises(ConfigError, match="cluster.kv_cache_gib"):
+            quick_config(tmp_path, cluster={"kv_cache_gib": bad})

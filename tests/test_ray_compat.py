@@ -87,7 +87,7 @@ def test_embedded_ray_gets_the_private_init_arguments_through_the_adapter(monkey
     monkeypatch.setattr(driver, "route_worker_output", lambda: None)
     driver.init_ray(GRPOConfig())
     assert seen["_node_ip_address"] == "127.0.0.1"
-    assert seen["_system_config"] == {ray_compat.IDLE_WORKER_KILLING_KEY: 300_000, ray_compat.METRICS_COLLECTION_KEY: False}
+    assert seen["_system_config"] == {ray_compat.IDLE_WORKER_KILLING_KEY: 300_000, ray_compat.METRICS_COLLECTION_KEY: False, ray_compat.PRESTART_KEY: False}
     assert seen["include_dashboard"] is False and seen["log_to_driver"] is True
 
 

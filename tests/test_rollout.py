@@ -7,10 +7,12 @@ import math
 import textwrap
 
 import pytest
+import ray
 import torch
 from transformers import AutoTokenizer
 
 from grpo_ray.data import load_datasets
+from grpo_ray.models import kv_bytes_per_token
 from grpo_ray.rewards import RewardError, accuracy
 from grpo_ray.rollout import EngineSpec, Rollout, RolloutPool, make_backend, score_rewards
 from tests.conftest import quick_config
@@ -34,6 +36,9 @@ def user_rewards(tmp_path):
             return [0.0] * len(completions)
         def short(prompts, completions, **kw):
             return [0.0]
+        def torch_loaded(prompts, completions, **kw):
+            import sys
+            return [float("torch" in sys.modules)] * len(completions)
         def slow_on_a(prompts, completions, **kw):
             if "a" in completions:
                 time.sleep(60)
@@ -66,10 +71,35 @@ def test_reward_scoring_in_ray_tasks(ray_local, user_rewards):
         score_rewards(["no_such_module:fn"], prompts, completions, {}, timeout_s=60)
 
 
+def test_reward_workers_do_not_load_torch_unless_a_reward_does(ray_local, user_rewards):
+    """A reward worker imports Ray and grpo_ray.rewards only (grpo_ray/reward_tasks.py); each
+    reward task costs a Python process, and torch would add seconds and ~100 MB to each."""
+    probe = [f"{user_rewards}:torch_loaded"]
+    got, _ = score_rewards(probe, ["p"] * 4, ["a"] * 4, {}, timeout_s=60)
+    assert got[:, 0].tolist() == [0.0] * 4
+    # control: the same probe in a task defined in a module that imports torch (this one, as
+    # grpo_ray.rollout.scoring was, where the reward tasks lived before) sees it
+    assert ray.get(ray.remote(_score_here).remote(probe[0])) == [1.0]
+
+
+def _score_here(spec: str) -> list[float]:
+    from grpo_ray.rewards import resolve_reward_functions, score
+
+    (values,) = score(resolve_reward_functions([spec]), None, ["p"], ["a"], {})
+    return values
+
+
 def test_generate_and_score_groups(tmp_path, tiny_model_path, ray_local):
     cfg = quick_config(tmp_path, cluster={"num_rollout_actors": 2}, max_completion_length=12)
-    pool = RolloutPool(cfg, EngineSpec(model_path=tiny_model_path, max_model_len=256, seed=cfg.seed))
+    spec = EngineSpec.from_config(cfg, tiny_model_path)  # kv_cache_gib "auto": sized from this batch
+    pool = RolloutPool(cfg, spec)
     try:
+        # vLLM's own KV layout agrees with the size computed for it: the bytes hold exactly the
+        # tokens models.kv_bytes_per_token says, and at least one round of sequences at full length
+        sequences = math.ceil(cfg.prompts_per_step / 2) * cfg.num_generations
+        for tokens in ray.get([e.kv_cache_tokens.remote() for e in pool.engines]):
+            assert tokens * kv_bytes_per_token(tiny_model_path, 4) == spec.kv_cache_bytes < 2**30
+            assert tokens >= sequences * cfg.context_length
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
         rows, _ = load_datasets(cfg.data)
         rows = rows[:5]  # odd on purpose: split 3 + 2 over the two engines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ REQUIRED_METRICS = {
 def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_path, capfd, monkeypatch):
     monkeypatch.setenv("GRPO_RAY_PROGRESS", "bar")  # what a terminal gets (stderr is captured here)
     out = tmp_path / "quick"
+    staged = set(Path(tempfile.gettempdir()).glob("grpo-ckpt-*"))
     code = main(["train", "--quick", "--output-dir", str(out), "--set", "max_steps=4", "--set", "save_steps=2", "--set", "num_iterations=2"])
     assert code == 0
     captured = capfd.readouterr()
@@ -34,6 +36,13 @@ def test_cli_quick_run_writes_metrics_checkpoint_and_plot(tmp_path, tiny_model_p
     for polluted in ("(RolloutEngine pid=1) WARNING 12-06 [arg_utils.py:1945] ...", "GRPO  50%|#####     | 2/4 [00:03]"):  # the controls
         with pytest.raises(AssertionError):  # a library line on the terminal; a second bar that starts over
             assert_console_is_readable(type(captured)(captured.out, captured.err + polluted + "\n"), out, steps=4)
+    # each checkpoint is staged in /tmp, then copied by Ray Train: the staging copies are gone
+    assert set(Path(tempfile.gettempdir()).glob("grpo-ckpt-*")) == staged
+    # the start-up timeline (startup.json): the marks in the order the run takes them
+    marks = json.loads((out / "startup.json").read_text())["marks"]
+    order = ["train_called", "ray_called", "ray_ready", "pool_called", "worker_started", "policy_ready", "first_sync_done", "first_step_done"]
+    assert [marks[m] for m in order] == sorted(marks[m] for m in order), marks
+    assert marks["pool_called"] < marks["engines_ready"] <= marks["first_sync_done"]  # the first push waits for the engine
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:

@@ -14,9 +14,9 @@ Rooms (imports point down the list):
 from grpo_ray.rollout.batch import Episodes, Group, RolloutBatch
 from grpo_ray.rollout.engine import EngineRestarted, EngineSpec, RolloutEngine, RolloutPool, SamplingSpec
 from grpo_ray.rollout.runner import Rollout, make_backend
-from grpo_ray.rollout.scoring import check_reward_functions, check_some_rewards, score_rewards
+from grpo_ray.rollout.scoring import check_reward_functions, check_some_rewards, score_rewards, warm_reward_workers
 
 __all__ = [
     "EngineRestarted", "EngineSpec", "Episodes", "Group", "Rollout", "RolloutBatch", "RolloutEngine", "RolloutPool",
-    "SamplingSpec", "check_reward_functions", "check_some_rewards", "make_backend", "score_rewards",
+    "SamplingSpec", "check_reward_functions", "check_some_rewards", "make_backend", "score_rewards", "warm_reward_workers",
 ]

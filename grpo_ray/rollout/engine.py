@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from grpo_ray import lora, sync
 from grpo_ray.config import GRPOConfig, omp_wait_env
-from grpo_ray.resources import engine_bundle
+from grpo_ray.resources import engine_bundle, kv_cache_bytes
 from grpo_ray.rollout.batch import Group
 
 
@@ -60,7 +60,7 @@ class EngineSpec:
     max_model_len: int = 1024
     seed: int = 0
     tensor_parallel_size: int = 1
-    kv_cache_gib: float = 1.0
+    kv_cache_bytes: int = 2**30  # CPU: the KV cache (GPU: gpu_memory_utilization decides)
     gpu_memory_utilization: float = 0.5
     use_gpu: bool = False
     env_vars: dict[str, str] = field(default_factory=dict)  # the engine process's extra environment
@@ -74,10 +74,10 @@ class EngineSpec:
         return cls(
             model_path=model_path,
             dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
+            kv_cache_bytes=kv_cache_bytes(cfg, model_path, dtype_bytes=4 if precision == "fp32" else 2),
             max_model_len=cfg.context_length,
             seed=cfg.seed,
             tensor_parallel_size=cfg.cluster.tensor_parallel_size,
-            kv_cache_gib=cfg.cluster.kv_cache_gib,
             gpu_memory_utilization=cfg.cluster.gpu_memory_utilization,
             use_gpu=cfg.cluster.use_gpu,
             env_vars=cfg.process_env(),
@@ -92,7 +92,6 @@ class RolloutEngine:
     def __init__(self, spec: EngineSpec) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(math.ceil(spec.kv_cache_gib)))))
         from vllm import LLM
 
         self.spec = spec
@@ -104,7 +103,9 @@ class RolloutEngine:
             # prefill is chunked; prefill whole prompts instead. Its default 128-token KV block is
             # longer than most RL prompts, and only whole blocks are shared: 32 (the smallest it
             # takes) lets a group's completions share their prompt's KV (README "Performance").
-            cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 8192), "block_size": 32}
+            # The KV cache is sized by grpo-ray (resources.kv_cache_bytes); VLLM_CPU_KVCACHE_SPACE, if set, still wins.
+            cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 8192), "block_size": 32,
+                        "kv_cache_memory_bytes": spec.kv_cache_bytes}  # fmt: skip
         self.llm = LLM(
             **cpu_only,
             **lora.engine_kwargs(spec.adapter_config),
@@ -126,9 +127,19 @@ class RolloutEngine:
         self.adapter_version = 0  # lora_sync: adapter: the LoRA version generation uses (0: the base)
         self.device = torch.device("cuda" if spec.use_gpu else "cpu")
         self.incarnation = uuid.uuid4().hex  # a new one each time Ray restarts this actor
+        self.loaded_at = time.time()  # start-up timeline (grpo_ray/startup.py)
 
     def ready(self) -> bool:
         return True
+
+    def ready_at(self) -> float:
+        """Wall time this engine finished loading."""
+        return self.loaded_at
+
+    def kv_cache_tokens(self) -> int:
+        """Tokens the KV cache vLLM allocated holds (blocks x block size)."""
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        return int(cache.num_gpu_blocks * cache.block_size)
 
     def incarnation_id(self) -> str:
         return self.incarnation

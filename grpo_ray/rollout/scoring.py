@@ -13,7 +13,8 @@ import ray
 import torch
 
 from grpo_ray.config import GRPOConfig
-from grpo_ray.rewards import RewardError, RewardSpec, resolve_reward_functions, score
+from grpo_ray.reward_tasks import check_task, import_task, score_task
+from grpo_ray.rewards import RewardError, RewardSpec
 from grpo_ray.rollout.batch import Episodes
 from grpo_ray.rollout.engine import split
 
@@ -46,11 +47,7 @@ def reward_weights(cfg: GRPOConfig, names: list[str]) -> list[float] | None:
     return list(cfg.reward_weights) + [1.0] * (len(names) - len(cfg.reward_weights))
 
 
-@ray.remote(max_retries=0)
-def _score_task(spec: str, prompts: list, completions: list, columns: dict, offset: int) -> list[float]:
-    """One reward function over one chunk; runs in a Ray worker, never in an engine or trainer."""
-    (values,) = score(resolve_reward_functions([spec]), None, prompts, completions, columns, index_offset=offset)
-    return values
+SCORE_CHUNKS = 2  # reward tasks per function and batch
 
 
 def score_rewards(
@@ -59,7 +56,7 @@ def score_rewards(
     completions: list,
     columns: dict[str, list],
     timeout_s: float,
-    num_chunks: int = 2,
+    num_chunks: int = SCORE_CHUNKS,
     num_cpus: float = 0.0,
     max_timeout_share: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
@@ -73,7 +70,7 @@ def score_rewards(
     n = len(completions)
     chunks = [c for c in split(list(range(n)), max(1, min(num_chunks, n))) if c]
     # "DEFAULT": never inherit the caller's placement group (a trainer worker's bundle is full).
-    task = _score_task.options(num_cpus=num_cpus, scheduling_strategy="DEFAULT")
+    task = score_task.options(num_cpus=num_cpus, scheduling_strategy="DEFAULT")
     tasks = {
         (f, k): task.remote(
             spec,
@@ -114,17 +111,20 @@ def _reward_result(ref: ray.ObjectRef) -> Any:
         raise RewardError(last.split("RewardError: ", 1)[-1]) from None
 
 
-@ray.remote(max_retries=0)
-def _import_task(specs: list[RewardSpec]) -> bool:
-    resolve_reward_functions(specs)
-    return True
+def warm_reward_workers(specs: Sequence[RewardSpec]) -> list[ray.ObjectRef]:
+    """Start the workers this process's reward tasks will run in (one per task a step runs at
+    once) and import the functions there while the rest of the run starts up: otherwise the first
+    step waits for both. Workers are kept per runtime environment, so a trainer's reward tasks do
+    not reuse the driver's."""
+    task = import_task.options(num_cpus=0, scheduling_strategy="DEFAULT")
+    return [task.remote(list(specs)) for _ in range(SCORE_CHUNKS * len(specs))]
 
 
 def check_reward_functions(specs: list[RewardSpec], timeout_s: float) -> None:
     """Import every reward function once, before a run writes anything: a typo or a module that
     does not import fails in seconds. The import runs user code, so it runs where scoring does
     (a Ray worker process, with the scoring timeout), never in the driver."""
-    ref = _import_task.options(num_cpus=0, scheduling_strategy="DEFAULT").remote(list(specs))
+    ref = check_task.options(num_cpus=0, scheduling_strategy="DEFAULT").remote(list(specs))
     ready, _ = ray.wait([ref], timeout=timeout_s)
     if not ready:
         ray.cancel(ref, force=True)
