@@ -230,11 +230,13 @@ def train(
     startup.mark("ray_called")
     init_ray(cfg)
     startup.mark("ray_ready")
-    set_log_dir(Path(cfg.output_dir).resolve())
     if reward_specs or cfg.reward_funcs:
         check_reward_functions(reward_specs or cfg.reward_funcs, cfg.cluster.reward_timeout_s)
     check_tools(cfg, tool_specs, env_spec)  # tools and environment import (in a Ray worker) before OUTPUT_DIR is written
     out = prepare_output_dir(cfg, resume, overwrite)
+    # Only now: a check that failed above leaves nothing in OUTPUT_DIR, not even Ray's log lines
+    # (its cause is in the error); from here on worker output goes to OUTPUT_DIR/logs.
+    set_log_dir(out)
     scores: dict[str, float] = {}
     if cfg.eval_at_start_and_end and not resume:
         startup.mark("eval_called")
