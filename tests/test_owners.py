@@ -139,6 +139,9 @@ def test_kv_cache_auto_is_sized_from_the_batch_and_the_model(tmp_path):
     # explicit sizes are taken as given; a model without a readable config gets the fallback
     assert kv_cache_bytes(cfg.with_overrides({"cluster": {"kv_cache_gib": 1.5}}), str(model), 4) == int(1.5 * 2**30)
     assert kv_cache_bytes(cfg, "org/hub-id", 4) == 2**30
+    gpu = cfg.with_overrides({"cluster": {"use_gpu": True}})  # on GPU: vLLM's gpu_memory_utilization, unless a size is given
+    assert kv_cache_bytes(gpu, str(model), 2) is None
+    assert kv_cache_bytes(gpu.with_overrides({"cluster": {"kv_cache_gib": 3}}), str(model), 2) == 3 * 2**30
     for bad in (0, -1, "big", True):
         with pytest.raises(ConfigError, match="cluster.kv_cache_gib"):
             quick_config(tmp_path, cluster={"kv_cache_gib": bad})

@@ -60,7 +60,7 @@ class EngineSpec:
     max_model_len: int = 1024
     seed: int = 0
     tensor_parallel_size: int = 1
-    kv_cache_bytes: int = 2**30  # CPU: the KV cache (GPU: gpu_memory_utilization decides)
+    kv_cache_bytes: int | None = 2**30  # the KV cache; None (GPU, "auto"): gpu_memory_utilization decides
     gpu_memory_utilization: float = 0.5
     use_gpu: bool = False
     env_vars: dict[str, str] = field(default_factory=dict)  # the engine process's extra environment
@@ -103,11 +103,12 @@ class RolloutEngine:
             # prefill is chunked; prefill whole prompts instead. Its default 128-token KV block is
             # longer than most RL prompts, and only whole blocks are shared: 32 (the smallest it
             # takes) lets a group's completions share their prompt's KV (README "Performance").
-            # The KV cache is sized by grpo-ray (resources.kv_cache_bytes); VLLM_CPU_KVCACHE_SPACE, if set, still wins.
-            cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 8192), "block_size": 32,
-                        "kv_cache_memory_bytes": spec.kv_cache_bytes}  # fmt: skip
+            cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 8192), "block_size": 32}
+        # The KV cache is sized by grpo-ray (resources.kv_cache_bytes); VLLM_CPU_KVCACHE_SPACE, if set, still wins.
+        kv = {"kv_cache_memory_bytes": spec.kv_cache_bytes} if spec.kv_cache_bytes is not None else {}
         self.llm = LLM(
             **cpu_only,
+            **kv,
             **lora.engine_kwargs(spec.adapter_config),
             model=spec.model_path,
             dtype=spec.dtype,
