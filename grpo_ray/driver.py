@@ -72,7 +72,7 @@ def init_ray(cfg: GRPOConfig) -> None:
         return
     # Ray Train's node-preemption watcher (an actor process of its own) is for clusters of
     # preemptible nodes; an embedded Ray is this one machine.
-    env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
+    env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         num_cpus=cfg.cluster.num_cpus or required_cpus(cfg),
         num_gpus=None if cfg.cluster.use_gpu else 0,
@@ -212,7 +212,8 @@ def train(
     aligned with cfg.reward_funcs), `tool_specs` and `env_spec` (the same for cfg.tools and
     cfg.environment_factory) are the Python API's: they travel to the workers through Ray."""
     startup = Timeline()
-    startup.mark("process_start", at=process_start())
+    if (started := process_start()) is not None:
+        startup.mark("process_start", at=started)
     startup.mark("train_called")
     cfg = cfg.with_absolute_paths()
     check_output_dir(cfg, resume, overwrite)

@@ -31,14 +31,14 @@ PHASES = (
 )
 
 
-def process_start() -> float:
+def process_start() -> float | None:
     """When this process started (wall clock), for the time a command spends before `train()`."""
     try:
         import psutil
 
         return psutil.Process(os.getpid()).create_time()
     except Exception:  # noqa: BLE001 - no psutil, or a platform that hides it: not reported
-        return float("nan")
+        return None
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Timeline:
 
     def phases(self) -> dict[str, float]:
         m = self.marks
-        return {name: round(m[b] - m[a], 3) for name, a, b in PHASES if a in m and b in m and m[a] == m[a]}
+        return {name: round(m[b] - m[a], 3) for name, a, b in PHASES if a in m and b in m}
 
     def write(self, output_dir: str | Path) -> dict[str, float]:
         phases = self.phases()
