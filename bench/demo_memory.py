@@ -50,22 +50,16 @@ def main() -> None:
     if args.child:
         child(args.child, args.steps, args.record)
         return
-    from measure import run_child, strict_json
+    from measure import role_table, run_child, strict_json
 
     results = {}
     for arm in [a for a in args.arms.split(",") if a]:
         print(f"[demo_memory] kv_cache_gib={arm}", flush=True)
         results[arm] = run_child(__file__, ["--child", arm, "--steps", str(args.steps)], arm)
-    arms = list(results)
-    roles = sorted({r for a in arms for r in results[a]["peak_rss_by_role_gib"]}, key=lambda r: -max(results[a]["peak_rss_by_role_gib"].get(r, 0) for a in arms))
-    print(f"\ndemo preset, {args.steps} steps; peak RSS GiB (at the tree's peak / the role's own peak)")
-    print("| kv_cache_gib | " + " | ".join(f"{a:>15s}" for a in arms) + " |")
-    print("|" + "---|" * (1 + len(arms)))
-    print("| whole tree | " + " | ".join(f"{results[a]['peak_rss_gib']:15.2f}" for a in arms) + " |")
-    for r in roles:
-        cells = " | ".join(f"{results[a]['rss_at_peak_gib'].get(r, 0):6.2f} / {results[a]['peak_rss_by_role_gib'].get(r, 0):6.2f}" for a in arms)
-        print(f"| {r} | {cells} |")
-    print("| to first step (s) | " + " | ".join(f"{results[a]['startup_phases'].get('to_first_step_s', float('nan')):15.1f}" for a in arms) + " |")
+    print(f"\ndemo preset, {args.steps} steps; peak RSS GiB (at the tree's peak / the role's own peak), by kv_cache_gib")
+    print("\n".join(role_table(results)))
+    print("whole tree: " + ", ".join(f"{a} {r['peak_rss_gib']:.2f} GiB" for a, r in results.items()))
+    print("to first step: " + ", ".join(f"{a} {r['startup_phases'].get('to_first_step_s', float('nan')):.1f} s" for a, r in results.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(strict_json({"steps": args.steps, "arms": results}, indent=1))

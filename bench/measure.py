@@ -130,3 +130,15 @@ def run_child(script: str, args: list[str], label: str, part: Callable[[list], l
     gib = lambda d: {r: v / 2**30 for r, v in sorted(d.items(), key=lambda kv: -kv[1])}  # noqa: E731
     memory = {"peak_rss_gib": peak / 2**30, "rss_at_peak_gib": gib(at_peak), "peak_rss_by_role_gib": gib(role_peak)}
     return {**memory, **(parts if part else {}), **data}
+
+
+def role_table(runs: dict[str, dict]) -> list[str]:
+    """Markdown rows of peak RSS per role for `run_child` results ({column label: result}): each
+    cell is GiB at the tree's peak / the role's own peak, roles by their largest own peak."""
+    own = {a: r.get("peak_rss_by_role_gib", {}) for a, r in runs.items()}
+    roles = sorted({role for o in own.values() for role in o}, key=lambda role: -max(o.get(role, 0.0) for o in own.values()))
+    lines = [f"| {'role':24s} | " + " | ".join(f"{a:>16s}" for a in runs) + " |", "|" + "---|" * (1 + len(runs))]
+    for role_name in roles:
+        cells = (f"{r.get('rss_at_peak_gib', {}).get(role_name, 0.0):7.2f} / {own[a].get(role_name, 0.0):6.2f}" for a, r in runs.items())
+        lines.append(f"| {role_name:24s} | " + " | ".join(cells) + " |")
+    return lines

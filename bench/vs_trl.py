@@ -319,8 +319,8 @@ def report(results: dict, wall: float) -> None:
         vals = " | ".join(f"{fmt.format(results[a][key]):>16s}" for a in arms)
         rat = "".join(f" | {results[a][key] / results[b][key]:>13.2f}x" if results[b][key] else " | " + "n/a".rjust(14) for a, b in ratios)
         print(f"| {name:38s} | {vals}{rat} |")
-    print("\nWhere a step's time goes (median seconds; async: generate/score overlap the update)")
     _role_table(results, arms)
+    print("\nWhere a step's time goes (median seconds; async: generate/score overlap the update)")
     keys = sorted({k for a in arms for k in results[a]["profile"]}, key=lambda k: (PROFILE + ("update_s", "update_other_s")).index(k))
     print(f"| {'stage':16s} | " + " | ".join(f"{label(a):>16s}" for a in arms) + " |")
     print("|" + "---|" * (1 + len(arms)))
@@ -330,17 +330,14 @@ def report(results: dict, wall: float) -> None:
 
 
 def _role_table(results: dict, arms: list[str]) -> None:
-    """Peak memory per process role (GiB; at the tree's peak, and each role's own peak) and the
-    start-up phases (seconds; engines and the trainer start at once, so the phases overlap)."""
-    roles = sorted({r for a in arms for r in results[a].get("peak_rss_by_role_gib", {})}, key=lambda r: -max(results[a].get("peak_rss_by_role_gib", {}).get(r, 0) for a in arms))
-    if roles:
+    """Peak memory per process role and the start-up phases (seconds; engines and the trainer
+    start at once, so the phases overlap)."""
+    from measure import role_table
+
+    if any(results[a].get("peak_rss_by_role_gib") for a in arms):
         print("\nPeak RSS per process role, GiB (at the tree's peak / the role's own peak; first repeat)")
-        print(f"| {'role':24s} | " + " | ".join(f"{label(a):>16s}" for a in arms) + " |")
-        print("|" + "---|" * (1 + len(arms)))
-        for r in roles:
-            cells = [(results[a].get("rss_at_peak_gib", {}).get(r, 0.0), results[a].get("peak_rss_by_role_gib", {}).get(r, 0.0)) for a in arms]
-            print(f"| {r:24s} | " + " | ".join(f"{x:7.2f} / {y:6.2f}" for x, y in cells) + " |")
-    phases = [k for k in dict.fromkeys(k for a in arms for k in results[a].get("startup_phases", {}))]
+        print("\n".join(role_table({label(a): results[a] for a in arms})))
+    phases = list(dict.fromkeys(k for a in arms for k in results[a].get("startup_phases", {})))
     if phases:
         print("\nStart-up phases, s (grpo_ray/startup.py; first repeat)")
         print(f"| {'phase':24s} | " + " | ".join(f"{label(a):>16s}" for a in arms) + " |")
