@@ -212,7 +212,7 @@ class GRPOConfig:
     # grpo-ray: the update runs each prompt once for several of its completions (exact; README
     # "Performance"); false pads one row per (prompt, completion) pair, as TRL does
     shared_prompt_packing: bool = True
-    bf16: Union[bool, str, None] = None  # True / False / "auto" (None == "auto", as in TRL)
+    bf16: Union[bool, str, None] = None  # True / False / "auto" (None == "auto"): bf16 where native (resources.native_bf16)
     fp16: Union[bool, str] = False
     seed: int = 42
     # --- logging and checkpoints

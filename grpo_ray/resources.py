@@ -8,11 +8,33 @@ is admitted for all of `run_bundles` at once (tuning/admission.py).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from grpo_ray.config import ClusterConfig, GRPOConfig
 from grpo_ray.models import kv_bytes_per_token
 
 ROLE_AMOUNT = 0.001  # of a node-role resource (cluster.rollout_resource / trainer_resource): "on such a node"
+CPUINFO = Path("/proc/cpuinfo")
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # a CPU whose bf16 matmuls run in hardware
+
+
+def native_bf16(use_gpu: bool) -> bool:
+    """Whether this node's devices compute bf16 natively, which is what `bf16: auto` asks.
+
+    A CUDA GPU: torch says (Ampere and later; a process that sees no GPU assumes the engines'
+    does). A CPU: only with AVX-512 bf16 or AMX tiles; elsewhere torch and vLLM emulate bf16,
+    several times slower than fp32, so auto keeps fp32. Engines and trainers both ask here, on the
+    node that builds them, so they agree on a cluster of one CPU type."""
+    if use_gpu:
+        import torch
+
+        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    try:
+        text = CPUINFO.read_text()
+    except OSError:  # not Linux: no flags to read, keep fp32
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return not CPU_BF16_FLAGS.isdisjoint(flags)
 
 
 def engine_bundle(cl: ClusterConfig) -> dict[str, float]:

@@ -37,6 +37,7 @@ from grpo_ray.evaluate import evaluate_on_pool
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
 from grpo_ray.ray_compat import quiet_train_report_logs
+from grpo_ray.resources import native_bf16
 from grpo_ray.rewards import RewardError, RewardSpec
 from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool, make_backend, warm_reward_workers
 from grpo_ray.rollout.queue import RolloutQueue
@@ -149,7 +150,7 @@ class Policy:
         self.cfg = cfg
         self.device = device
         self.pad_id = pad_id
-        self.precision = cfg.resolved_precision(device_supports_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.precision = cfg.resolved_precision(device_supports_bf16=native_bf16(device.type == "cuda"))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         model = trainable_model(cfg, model_path)
         optim_name, notice = cfg.resolved_optim(on_gpu=device.type == "cuda")

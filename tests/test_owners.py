@@ -145,3 +145,23 @@ def test_kv_cache_auto_is_sized_from_the_batch_and_the_model(tmp_path):
     for bad in (0, -1, "big", True):
         with pytest.raises(ConfigError, match="cluster.kv_cache_gib"):
             quick_config(tmp_path, cluster={"kv_cache_gib": bad})
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [("fpu sse avx2 fma", "float32"), ("fpu avx2 avx512f avx512_bf16", "bfloat16"), ("fpu avx2 amx_bf16 amx_tile", "bfloat16"), (None, "float32")],
+    ids=["avx2", "avx512-bf16", "amx", "no-cpuinfo"],
+)
+def test_bf16_auto_is_native_bf16_from_the_cpu_flags(flags, expected, tmp_path, monkeypatch):
+    """`bf16: auto` on CPU: bf16 only where the CPU has bf16 instructions (emulated bf16 is several
+    times slower than fp32); the engines and the trainer ask the same function."""
+    from grpo_ray import resources, trainer
+
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(resources, "CPUINFO", cpuinfo)
+    cfg = quick_config(tmp_path, bf16="auto")
+    assert EngineSpec.from_config(cfg, str(tmp_path)).dtype == expected
+    assert trainer.native_bf16 is resources.native_bf16  # the trainer's precision comes from the same answer
+    assert quick_config(tmp_path, bf16=False).resolved_precision(resources.native_bf16(False)) == "fp32"  # explicit wins

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from grpo_ray import lora, sync
 from grpo_ray.config import GRPOConfig, omp_wait_env
-from grpo_ray.resources import engine_bundle, kv_cache_bytes
+from grpo_ray.resources import engine_bundle, kv_cache_bytes, native_bf16
 from grpo_ray.rollout.batch import Group
 
 
@@ -70,7 +70,7 @@ class EngineSpec:
     @classmethod
     def from_config(cls, cfg: GRPOConfig, model_path: str) -> "EngineSpec":
         """The engine a run's config asks for (training's rollout engines and held-out eval alike)."""
-        precision = cfg.resolved_precision(device_supports_bf16=cfg.cluster.use_gpu)
+        precision = cfg.resolved_precision(device_supports_bf16=native_bf16(cfg.cluster.use_gpu))
         return cls(
             model_path=model_path,
             dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
