@@ -21,12 +21,13 @@ import torch
 SHAPES = ((2048, 576, 576), (2048, 576, 1536), (2048, 1536, 576), (1024, 576, 8192))
 
 
-def matmul_rate(dtype: torch.dtype, seconds: float = 1.0, threads: int | None = None) -> float:
-    """FLOP/s of torch matmuls on this machine: the best shape, each timed for `seconds`."""
-    if threads:
-        torch.set_num_threads(threads)
+PROBE = ((256, 576, 576),)  # one small shape: enough to see that bf16 is emulated, in well under a second
+
+
+def matmul_rate(dtype: torch.dtype, seconds: float = 1.0, shapes: tuple[tuple[int, int, int], ...] = SHAPES) -> float:
+    """FLOP/s of torch matmuls on this machine (all of torch's threads): the best shape, each timed for `seconds`."""
     best = 0.0
-    for m, k, n in SHAPES:
+    for m, k, n in shapes:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         a @ b  # warm-up (oneDNN picks its kernel)
         runs, t0 = 0, time.perf_counter()
@@ -35,6 +36,15 @@ def matmul_rate(dtype: torch.dtype, seconds: float = 1.0, threads: int | None = 
             runs += 1
         best = max(best, 2 * m * k * n * runs / elapsed)
     return best
+
+
+def machine_rates(seconds: float = 1.0) -> dict[str, float | bool]:
+    """fp32 and bf16 matmul rates (FLOP/s); bf16 only probed where the CPU emulates it."""
+    from grpo_ray.resources import native_bf16
+
+    native = native_bf16(use_gpu=False)
+    return {"fp32": matmul_rate(torch.float32, seconds), "bf16": matmul_rate(torch.bfloat16, seconds if native else 0.3, SHAPES if native else PROBE),
+            "bf16_native": native}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,10 +99,11 @@ def main() -> None:
     from grpo_ray.models import resolve_model_path
 
     shape = ModelShape.of(resolve_model_path(args.model))
-    rates = {name: matmul_rate(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    rates = machine_rates()
     flops = step_flops(shape, groups=4, group_size=8, prompt_tokens=args.prompt_tokens, completion_tokens=args.completion_tokens)
-    print(f"{args.model}: body {shape.body / 1e6:.1f}M weights, head {shape.head / 1e6:.1f}M")
-    for name, rate in rates.items():
+    print(f"{args.model}: body {shape.body / 1e6:.1f}M weights, head {shape.head / 1e6:.1f}M; bf16 native: {rates['bf16_native']}")
+    for name in ("fp32", "bf16"):
+        rate = rates[name]
         floor = {k: v / rate for k, v in flops.items()}
         print(f"{name}: {rate / 1e9:.1f} GFLOP/s; 4x8 step floor: generate {floor['generate']:.2f} s, train {floor['train']:.2f} s")
 

@@ -1,6 +1,6 @@
 """grpo-ray vs TRL 1.16's `GRPOTrainer`, side by side: same task, model, GRPO config and seed.
 
-    .venv/bin/python bench/vs_trl.py [--steps 30] [--warmup 3] [--arms trl,sync,async] [--repeats 1]
+    .venv/bin/python bench/vs_trl.py [--model 25m|smollm2-135m] [--steps 30] [--warmup 3] [--arms trl,sync,async] [--repeats 1]
 
 Three arms, each in its own process (so peak memory is its own), run one after another and
 alternated when `--repeats` > 1:
@@ -11,12 +11,16 @@ alternated when `--repeats` > 1:
 - `async`: the same with `async_generation: true` (staleness 1): the engine (2 CPUs) generates
            step t+1 while the trainer (2 CPUs) updates step t; `--async-cpus` changes the split.
 
-The model is bench/rollout_bench.py's ~25M-parameter Qwen2 (tiny-arith tokenizer), briefly
-SFT-warm-started on the `arith` task (as tiny-arith is) so rewards start above zero and can move.
+Two model sets (`--model`): `25m` (the default) is bench/rollout_bench.py's ~25M-parameter Qwen2
+(tiny-arith tokenizer), briefly SFT-warm-started on the `arith` task (as tiny-arith is) so rewards
+start above zero and can move; `smollm2-135m` is the demo: SmolLM2-135M-Instruct on its
+reasoning-gym task with its config (4 prompts x 8 completions of <= 48 tokens per step).
+Each arm's step also gets its FLOP floor (bench/flops.py: the step's matmul FLOPs at its own
+completion lengths over this machine's matmul rate at the run's precision, measured in this run).
 Reported per arm: per-step wall time (median after warm-up; step end to step end, so logging and
 reporting count), generated and trained tokens/s over that wall time, peak RSS (the arm's whole
 process tree: Ray, engines and trainers included), and the reward reached at equal wall time.
-Writes bench/results/vs_trl.json and bench/results/vs_trl_reward.png. One heavy job at a time:
+Writes bench/results/vs_trl.json (`--out`) and the reward plot next to it. One heavy job at a time:
 this uses both cores.
 """
 
@@ -65,9 +69,47 @@ COMMON: dict[str, Any] = {
 CPUS = {"sync": (2, 2), "async": (2, 2)}
 OMP_WAIT = {"value": "auto"}  # cluster.omp_wait of the grpo-ray arms (--omp-wait, for A/B runs)
 SFT_STEPS = 60
+# --model smollm2-135m: the demo (grpo_ray/configs/demo.yaml) on both sides; fp32 there unless --precision bf16
+SMOLLM2 = {
+    "task": {"task": "reasoning_gym/chain_sum", "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "allow_negation": False},
+             "size": 2000, "eval_size": 0, "seed": 0},
+    "rewards": ["reasoning_gym", "format"],
+    "common": {"num_generations": 8, "max_completion_length": 48, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 4,
+               "learning_rate": 1e-5, "temperature": 0.8, "reward_weights": [1.0, 0.2]},
+    "max_prompt_length": 192,
+}  # fmt: skip
+MODEL_SET = {"name": "25m", "max_prompt_length": 128}
+
+
+def use_model_set(name: str) -> None:
+    """Switch TASK / REWARDS / COMMON to a model set (the parent and each child do it alike)."""
+    MODEL_SET["name"] = name
+    if name == "smollm2-135m":
+        TASK.clear()
+        TASK.update(SMOLLM2["task"])
+        REWARDS[:] = SMOLLM2["rewards"]
+        COMMON.update(SMOLLM2["common"])
+        MODEL_SET["max_prompt_length"] = SMOLLM2["max_prompt_length"]
+
+
+def model_label() -> str:
+    return "SmolLM2-135M-Instruct, reasoning_gym/chain_sum" if MODEL_SET["name"] == "smollm2-135m" else "25M Qwen2, arith"
+
+
+def completions_per_step() -> int:
+    return COMMON["per_device_train_batch_size"] * COMMON["gradient_accumulation_steps"]
 
 
 # ----------------------------------------------------------------------------- the model
+def bench_model(sft_warm_start: bool) -> str:
+    """The model set's model path (built once, cached)."""
+    if MODEL_SET["name"] == "smollm2-135m":
+        from grpo_ray.models import resolve_model_path
+
+        return resolve_model_path("smollm2-135m")
+    return demo_model(sft_warm_start)
+
+
 def demo_model(sft_warm_start: bool = True) -> str:
     """rollout_bench's 25M Qwen2, SFT-warm-started on arith (cached under ~/.cache/grpo-ray/bench).
 
@@ -173,7 +215,7 @@ def run_grpo_ray(model_path: str, steps: int, out_dir: str, arm: str) -> tuple[l
     engine_cpus, trainer_cpus = CPUS[arm]
     cfg = GRPOConfig.from_dict({
         **COMMON, "model_name_or_path": model_path, "output_dir": out_dir, "max_steps": steps, "save_steps": steps,
-        "report_to": [], "reward_funcs": REWARDS, "data": TASK, "max_prompt_length": 128,
+        "report_to": [], "reward_funcs": REWARDS, "data": TASK, "max_prompt_length": MODEL_SET["max_prompt_length"],
         "async_generation": arm == "async",
         "cluster": {"rollout_num_cpus": engine_cpus, "trainer_num_cpus": trainer_cpus, "omp_wait": OMP_WAIT["value"]},
     })  # fmt: skip
@@ -209,7 +251,7 @@ def run_arm(arm: str, model_path: str, steps: int, async_cpus: str, seed: int) -
     from measure import run_child
 
     base, omp = split_arm(arm)
-    args = ["--child", base, "--model", model_path, "--steps", str(steps), "--async-cpus", async_cpus,
+    args = ["--child", base, "--model", MODEL_SET["name"], "--model-path", model_path, "--steps", str(steps), "--async-cpus", async_cpus,
             "--precision", "bf16" if COMMON["bf16"] else "fp32", "--omp-wait", omp, "--seed", str(seed)]  # fmt: skip
     return run_child(__file__, args, arm)
 
@@ -223,7 +265,7 @@ def summarise(run: dict, warmup: int, prompt_tokens: float) -> dict:
     ends = [s["time"] for s in steps]
     walls = [b - a for a, b in zip(ends, ends[1:])]  # wall of steps 2..N
     kept = list(zip(steps[1:], walls))[max(0, warmup - 1):]
-    n = COMMON["per_device_train_batch_size"]
+    n = completions_per_step()
     step_s = statistics.median(w for _, w in kept)
     gen_tok = statistics.median(s["completion_length_mean"] * n / w for s, w in kept)
     train_tok = statistics.median((s["completion_length_mean"] + prompt_tokens) * n / w for s, w in kept)
@@ -247,6 +289,7 @@ def summarise(run: dict, warmup: int, prompt_tokens: float) -> dict:
         "rss_at_peak_gib": run.get("rss_at_peak_gib", {}),
         "peak_rss_by_role_gib": run.get("peak_rss_by_role_gib", {}),
         "train_wall_s": curve[-1][0],
+        "completion_tokens": statistics.median(s["completion_length_mean"] for s, _ in kept),
         "curve": curve,
         "profile": profile,
         "raw_steps": steps,
@@ -288,7 +331,7 @@ def plot(results: dict, path: Path) -> None:
         ax.plot(ts, smooth, linewidth=2, color=ax.lines[-1].get_color(), label=f"{label(arm)} (5-step mean)")
     ax.set_xlabel("training wall time (s, from the start of step 1)")
     ax.set_ylabel("reward (accuracy + format)")
-    ax.set_title("GRPO on arith, 25M Qwen2, 2-core CPU: reward vs wall time")
+    ax.set_title(f"GRPO, {model_label()}, {os.cpu_count()}-core CPU: reward vs wall time")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -310,6 +353,8 @@ def report(results: dict, wall: float) -> None:
         (f"reward at equal wall time ({wall:.0f} s)", "reward_at_equal_wall", "{:.3f}"),
         ("start-up before step 1 (s)", "startup_s", "{:.1f}"),
     ]
+    if all("floor_s" in results[a] for a in arms):
+        rows += [("FLOP floor of the step (s)", "floor_s", "{:.2f}"), ("step time / FLOP floor", "x_floor", "{:.2f}")]
     pairs = [("sync", "trl"), ("async", "trl"), ("async", "sync"), *((a.partition("@")[0], a) for a in arms if "@" in a)]
     ratios = [(a, b) for a, b in pairs if a in results and b in results]
     head = f"| {'':38s} | " + " | ".join(f"{label(a):>16s}" for a in arms) + "".join(f" | {a + '/' + b:>14s}" for a, b in ratios) + " |"
@@ -349,6 +394,7 @@ def _role_table(results: dict, arms: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=("25m", "smollm2-135m"), default="25m", help="the model set (see the docstring)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--arms", default=",".join(ARMS), help="trl, sync, async; sync@<omp_wait> / async@<omp_wait> for A/B runs")
@@ -360,7 +406,7 @@ def main() -> None:
     parser.add_argument("--omp-wait", choices=OMP_WAIT_CHOICES, default="auto", help="cluster.omp_wait of the grpo-ray arms")
     parser.add_argument("--table", metavar="JSON", help="print the tables of a saved result and exit")
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -368,19 +414,24 @@ def main() -> None:
         saved = json.loads(Path(args.table).read_text())
         report(saved["arms"], saved["equal_wall_s"])
         return
+    use_model_set(args.model)
     COMMON["bf16"] = args.precision == "bf16"
     if args.seed is not None:
         COMMON["seed"] = args.seed
     OMP_WAIT["value"] = args.omp_wait
     if args.child:
-        child(args.child, args.model, args.steps, args.record, args.async_cpus)
+        child(args.child, args.model_path, args.steps, args.record, args.async_cpus)
         return
     arms = [a for a in args.arms.split(",") if a]
     for arm in arms:
         split_arm(arm)  # a typo fails here, not after the first arms ran
     CPUS["async"] = tuple(int(c) for c in args.async_cpus.split(","))
-    model_path = demo_model(sft_warm_start=not args.random_init)
+    model_path = bench_model(sft_warm_start=not args.random_init)
     prompt_tokens = mean_prompt_tokens(model_path)
+    from flops import ModelShape, machine_rates, step_flops
+
+    rates = machine_rates()  # before the arms, on an idle machine
+    shape = ModelShape.of(model_path)
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     for repeat in range(args.repeats):
         order = arms if repeat % 2 == 0 else arms[::-1]  # alternate, so drift hits every arm alike
@@ -392,14 +443,21 @@ def main() -> None:
             runs[arm].append(summarise(run_arm(arm, model_path, args.steps, args.async_cpus, seed), args.warmup, prompt_tokens))
     results = {a: merge_repeats(r) for a, r in runs.items()}
     wall = min(r["train_wall_s"] for r in results.values())
+    rate = rates[args.precision]
     for arm, r in results.items():
         r["reward_at_equal_wall"] = statistics.median(reward_at(x["curve"], wall) for x in runs[arm])
-    print(f"\n{machine()}\n25M Qwen2 ({args.precision}), arith, {args.steps} steps x {COMMON['per_device_train_batch_size']} completions "
+        flops = step_flops(shape, completions_per_step() // COMMON["num_generations"], COMMON["num_generations"], prompt_tokens, r["completion_tokens"])
+        r["floor_split_s"] = {k: v / rate for k, v in flops.items()}
+        r["floor_s"] = sum(r["floor_split_s"].values())
+        r["x_floor"] = r["step_s"] / r["floor_s"]
+    print(f"\n{machine()}; matmul rate fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s "
+          f"({'native' if rates['bf16_native'] else 'emulated'})")
+    print(f"{model_label()} ({args.precision}), {args.steps} steps x {completions_per_step()} completions "
           f"({COMMON['num_generations']} per prompt, <= {COMMON['max_completion_length']} tokens), warm-up {args.warmup}, repeats {args.repeats}\n")  # fmt: skip
     report(results, wall)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "model": model_path, "config": COMMON, "task": TASK, "cpus": CPUS, "omp_wait": args.omp_wait, "steps": args.steps, "warmup": args.warmup,
+    payload = {"machine": machine(), "matmul_flops_per_s": rates, "model_set": args.model, "model": model_path, "prompt_tokens": prompt_tokens, "config": COMMON, "task": TASK, "cpus": CPUS, "omp_wait": args.omp_wait, "steps": args.steps, "warmup": args.warmup,
                "equal_wall_s": wall, "arms": results}  # fmt: skip
     out.write_text(json.dumps(payload, indent=1))
     plot(results, out.with_name(out.stem + "_reward.png"))
