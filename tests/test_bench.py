@@ -19,6 +19,7 @@ def _load(name: str):
     try:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # a dataclass looks its module up there
         spec.loader.exec_module(module)
         return module
     finally:
@@ -53,3 +54,23 @@ def test_lora_bench_reports_no_reward_for_an_arm_that_logs_none():
 @pytest.mark.parametrize("path", sorted(BENCH.glob("results/*.json")), ids=lambda p: p.name)
 def test_committed_bench_results_are_strict_json(path):
     _strict(path.read_text())
+
+
+def test_flop_floor_counts_each_weight_once_per_token(tiny_model_path):
+    """bench/flops.py: the model's matmul weights from the module tree equal the count from its
+    config (attention projections + gated MLP per layer), and a step's FLOPs are the documented sum."""
+    from transformers import AutoConfig
+
+    flops = _load("flops")
+    shape = flops.ModelShape.of(tiny_model_path)
+    c = AutoConfig.from_pretrained(tiny_model_path)
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = 2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
+    assert shape.body == c.num_hidden_layers * per_layer
+    assert shape.head == c.vocab_size * c.hidden_size
+    toy = flops.ModelShape(body=10, head=5, layers=1, hidden=1)
+    assert toy.forward_flops(tokens=3, logit_tokens=2, attended_pairs=6) == 2 * 10 * 3 + 2 * 5 * 2 + 4 * 6
+    # one group of 2 completions of 1 token after a 2-token prompt: prompt pairs 3, completion pairs 2 x (2 + 1)
+    step = flops.step_flops(toy, groups=1, group_size=2, prompt_tokens=2, completion_tokens=1, extra_forwards=1)
+    forward = toy.forward_flops(4, 2, 3 + 6)
+    assert step == {"generate": toy.forward_flops(2, 0, 3) + toy.forward_flops(2, 2, 6), "train": 3 * forward, "extra_forwards": forward}
