@@ -328,13 +328,13 @@ def trainable_model(cfg: GRPOConfig, model_path: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **lora.load_kwargs(cfg))
-    if cfg.disable_dropout:
-        disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if cfg.use_peft:
         model = lora.wrap(model, cfg)
+    if cfg.disable_dropout:  # after the wrap, as TRL does: the adapter's lora_dropout too
+        disable_dropout(model)
     return model
 
 

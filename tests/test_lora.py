@@ -181,3 +181,16 @@ def test_builtin_lora_demo_config(tmp_path):
     demo = load_config(argparse.Namespace(config=None, set=None, output_dir=str(tmp_path)))
     assert cfg.use_peft and cfg.model_name_or_path == demo.model_name_or_path == "smollm2-135m"
     assert cfg.learning_rate == 10 * demo.learning_rate and cfg.data == demo.data and cfg.max_steps == demo.max_steps
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_reaches_the_adapters_dropout_as_in_trl(tmp_path, tiny_model_path, disable):
+    """TRL wraps the model in peft first and then applies disable_dropout, so lora_dropout goes to 0
+    too; without disable_dropout the adapter keeps its dropout (TRL's default)."""
+    from grpo_ray.trainer import trainable_model
+
+    cfg = quick_config(tmp_path, use_peft=True, lora_dropout=0.1, disable_dropout=disable)
+    model = trainable_model(cfg, tiny_model_path)
+    adapter_dropouts = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
+    assert adapter_dropouts  # the peft wrap made them
+    assert {m.p for m in adapter_dropouts} == ({0.0} if disable else {0.1})
