@@ -7,8 +7,10 @@ is admitted for all of `run_bundles` at once (tuning/admission.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
+from typing import Any
 
 from grpo_ray.config import ClusterConfig, GRPOConfig
 from grpo_ray.models import kv_bytes_per_token
@@ -16,6 +18,26 @@ from grpo_ray.models import kv_bytes_per_token
 ROLE_AMOUNT = 0.001  # of a node-role resource (cluster.rollout_resource / trainer_resource): "on such a node"
 CPUINFO = Path("/proc/cpuinfo")
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # a CPU whose bf16 matmuls run in hardware
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim`): called after each training
+    step and each weight load. glibc keeps the freed blocks of a step's activations in its heap,
+    fragmented, and reuses them only in part, so a trainer's RSS otherwise climbs step after step
+    above what it holds (README "Start-up and memory"). False where there is no glibc (macOS, musl)."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def native_bf16(use_gpu: bool) -> bool:

@@ -37,7 +37,7 @@ from grpo_ray.evaluate import evaluate_on_pool
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.packing import PackedRows, attention_cost_per_pair, model_attention_mask, pack
 from grpo_ray.ray_compat import quiet_train_report_logs
-from grpo_ray.resources import native_bf16
+from grpo_ray.resources import native_bf16, release_freed_memory
 from grpo_ray.rewards import RewardError, RewardSpec
 from grpo_ray.rollout import Rollout, RolloutBatch, RolloutPool, make_backend, warm_reward_workers
 from grpo_ray.rollout.queue import RolloutQueue
@@ -443,6 +443,7 @@ def grpo_step(w: Worker, step: int) -> dict[str, float]:
     tokens = max(1.0, float(batch.trained_tokens(w.cfg.mask_truncated_completions)))
     with w.queue.weights_lock if w.queue is not None else nullcontext():
         stats = w.policy.update(batch.shard(w.rank, w.world), tokens)  # loss, backward, optimizer step
+    release_freed_memory()  # the step's freed activations back to the OS: RSS follows what the trainer holds
     if staleness == 0:  # async batches were sampled a step back: their mismatch includes that update
         sync.check_logprob_mismatch(stats.get("logprob_mismatch"), w.cfg.max_logprob_mismatch, step)  # same value on every rank
     t2 = time.perf_counter()

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from grpo_ray import lora, sync
 from grpo_ray.config import GRPOConfig, omp_wait_env
-from grpo_ray.resources import engine_bundle, kv_cache_bytes, native_bf16
+from grpo_ray.resources import engine_bundle, kv_cache_bytes, native_bf16, release_freed_memory
 from grpo_ray.rollout.batch import Group
 
 
@@ -216,6 +216,8 @@ class RolloutEngine:
         if receipt.tensors == len(stamp.fingerprints) and not receipt.wrong:
             self._reload(weights)
             self.weights_version = stamp.version
+        del weights
+        release_freed_memory()  # the received copy of the weights
         return receipt
 
     def loaded_version(self) -> int:
